@@ -1,0 +1,277 @@
+"""Decoder incoherence penalty over co-activating atom pairs (DESIGN §2.2)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._validation import check_finite_scalar
+from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..layout import DecoderLayout, PenaltyTier
+from ..pairs import PairTable
+from ..weights import ScalarWeightSchedule, resolve_learnable_weight
+from . import _decoder_kernels as K
+from ._base import Penalty
+
+__all__ = ["DecoderIncoherencePenalty"]
+
+
+class DecoderIncoherencePenalty(Penalty):
+    r"""Cross-atom decoder incoherence ``P = ½ Σ_pairs s·w_jk ‖B_j B_kᵀ‖²_F``.
+
+    Atom ``k`` owns the block ``B_k`` (``M_k × p_out``) of the flat decoder vector ``t``; pairs are a
+    sparse :class:`~distpen.PairTable` of co-activating atoms. The strength ``s`` is ``weight``, or
+    ``resolve_learnable_weight(weight, ρ[0])`` when ``learnable_weight`` is set.
+
+    Parameters
+    ----------
+    pairs : PairTable
+        Pairs over ``len(block_sizes)`` atoms.
+    block_sizes : array of shape (k_atoms,)
+        Rows ``M_k ≥ 1`` of every atom's block.
+    p_out : int
+        Columns of every block.
+    weight : float
+        Finite and > 0.
+    learnable_weight : bool
+        Whether the strength is ``weight·exp(ρ)`` with its own ρ entry (``rho_count = 1``).
+
+    Raises
+    ------
+    InvalidArgumentError, ShapeMismatchError, PairTableError
+        On a bad weight, layout or pair list.
+
+    Examples
+    --------
+    >>> import numpy as np, distpen as dp
+    >>> C = np.array([[0.0, 0.5], [0.5, 0.0]])
+    >>> pen = dp.DecoderIncoherencePenalty.from_coactivation(C, [1, 1], 2, weight=2.0)
+    >>> pen.value(np.array([1.0, 0.0, 1.0, 1.0]))   # ½ · 2 · 0.5 · (1·1 + 0·1)²
+    0.5
+    """
+
+    kind_tag = "decoder_incoherence"
+    tier = PenaltyTier.BETA
+
+    def __init__(self, pairs: PairTable, block_sizes, p_out: int, weight: float,
+                 learnable_weight: bool = False):
+        if not isinstance(pairs, PairTable):
+            raise InvalidArgumentError(
+                f"pairs must be a PairTable, got {type(pairs).__name__}; build one with "
+                "PairTable(j, k, w, k_atoms) or PairTable.from_dense(C)"
+            )
+        self.layout = DecoderLayout(block_sizes, p_out)
+        if pairs.k_atoms != self.layout.k_atoms:
+            raise ShapeMismatchError(
+                f"pairs index k_atoms = {pairs.k_atoms} atoms but block_sizes describe "
+                f"{self.layout.k_atoms}; build the pairs over the same atoms as the decoder"
+            )
+        self.pairs = pairs
+        self.weight = check_finite_scalar(weight, "weight", positive=True)
+        if not isinstance(learnable_weight, (bool, np.bool_)):
+            raise InvalidArgumentError(f"learnable_weight must be a bool, got {learnable_weight!r}")
+        self.learnable_weight = bool(learnable_weight)
+        self.rho_count = 1 if self.learnable_weight else 0
+        self.schedule = None
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_coactivation(cls, C, block_sizes, p_out: int, weight: float,
+                          learnable_weight: bool = False) -> "DecoderIncoherencePenalty":
+        """Build from a dense ``K × K`` co-activation matrix (``w = ½(C[j,k] + C[k,j])``, zeros dropped)."""
+        layout = DecoderLayout(block_sizes, p_out)
+        C_arr = np.asarray(C)
+        if C_arr.ndim != 2 or C_arr.shape != (layout.k_atoms, layout.k_atoms):
+            raise ShapeMismatchError(
+                f"coactivation must be K × K = {layout.k_atoms} × {layout.k_atoms} for "
+                f"{layout.k_atoms} blocks, got shape {C_arr.shape}"
+            )
+        return cls(PairTable.from_dense(C_arr), layout.block_sizes, p_out, weight, learnable_weight)
+
+    @classmethod
+    def from_pairs(cls, pairs, block_sizes, p_out: int, weight: float,
+                   learnable_weight: bool = False) -> "DecoderIncoherencePenalty":
+        """Build from a :class:`PairTable` or a ``(j, k, w)`` triple over ``len(block_sizes)`` atoms."""
+        if not isinstance(pairs, PairTable):
+            try:
+                j, k, w = pairs
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(
+                    f"pairs must be a PairTable or a (j, k, w) triple of arrays, got {type(pairs).__name__}"
+                ) from None
+            pairs = PairTable(j, k, w, len(np.asarray(block_sizes)))
+        return cls(pairs, block_sizes, p_out, weight, learnable_weight)
+
+    # ---------------------------------------------------------------- spec (cheap to ship)
+    def to_spec(self) -> dict:
+        """A JSON-able description without the pairs (they travel separately)."""
+        return {"kind_tag": self.kind_tag, **self.layout.to_spec(), "weight": self.weight,
+                "learnable_weight": self.learnable_weight,
+                "schedule": None if self.schedule is None else self.schedule.to_spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict, pairs: PairTable) -> "DecoderIncoherencePenalty":
+        if spec.get("kind_tag") != cls.kind_tag:
+            raise InvalidArgumentError(f"spec kind_tag {spec.get('kind_tag')!r} is not {cls.kind_tag!r}")
+        out = cls(pairs, spec["block_sizes"], spec["p_out"], spec["weight"], spec["learnable_weight"])
+        if spec.get("schedule") is not None:
+            out.schedule = ScalarWeightSchedule.from_spec(spec["schedule"])
+        return out
+
+    def with_pairs(self, pairs: PairTable, layout: DecoderLayout | None = None) -> "DecoderIncoherencePenalty":
+        """The same penalty (weight, schedule) on another pair set, optionally over another layout."""
+        layout = self.layout if layout is None else layout
+        out = type(self)(pairs, layout.block_sizes, layout.p_out, self.weight, self.learnable_weight)
+        out.schedule = None if self.schedule is None else self.schedule.copy()
+        return out
+
+    def restrict(self, pairs: PairTable) -> tuple["DecoderIncoherencePenalty", np.ndarray]:
+        """A penalty over only the atoms ``pairs`` touch, renumbered locally, and those atoms.
+
+        ``local.value(layout.gather(t, atoms))`` equals the contribution of ``pairs`` to the full value.
+        """
+        local_pairs, atoms = pairs.restrict(pairs.atoms())
+        return self.with_pairs(local_pairs, self.layout.subset(atoms)), atoms
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def k_atoms(self) -> int:
+        return self.layout.k_atoms
+
+    @property
+    def p_out(self) -> int:
+        return self.layout.p_out
+
+    @property
+    def block_sizes(self) -> np.ndarray:
+        return self.layout.block_sizes
+
+    @property
+    def n_coef(self) -> int:
+        return self.layout.n_coef
+
+    def __repr__(self) -> str:
+        return (f"DecoderIncoherencePenalty(k_atoms={self.k_atoms}, p_out={self.p_out}, "
+                f"n_pairs={len(self.pairs)}, weight={self.weight!r}, "
+                f"learnable_weight={self.learnable_weight})")
+
+    def _check_target(self, t, name: str = "t") -> np.ndarray:
+        return self.layout.check_beta(t, name)
+
+    def strength(self, rho=None) -> float:
+        """The effective ``s`` for this ρ slice."""
+        rho = self._check_rho(rho)
+        return self._strength(rho)
+
+    def _strength(self, rho: np.ndarray) -> float:
+        if self.learnable_weight:
+            return resolve_learnable_weight(self.weight, rho[0])
+        return self.weight
+
+    def _lay(self):
+        lay = self.layout
+        return lay.offsets, lay.block_sizes, lay.p_out
+
+    # ---------------------------------------------------------------- operations
+    def pair_sqnorms(self, t) -> np.ndarray:
+        """``‖B_j B_kᵀ‖²_F`` for every pair, in table order."""
+        t = self._check_target(t)
+        off, m, p = self._lay()
+        return K.pair_sqnorms(t, off, m, p, self.pairs.j, self.pairs.k)
+
+    def _value(self, t, rho):
+        off, m, p = self._lay()
+        sq = K.pair_sqnorms(t, off, m, p, self.pairs.j, self.pairs.k)
+        return 0.5 * self._strength(rho) * float(np.dot(self.pairs.w, sq))
+
+    def _grad(self, t, rho):
+        off, m, p = self._lay()
+        out = np.zeros_like(t)
+        indptr, nbr, wts = self.pairs.directed()
+        K.grad_csr(t, off, m, p, indptr, nbr, wts, self._strength(rho), out, self.layout.max_block)
+        return out
+
+    def _grad_rho(self, t, rho):
+        if not self.learnable_weight:
+            return np.zeros(0)
+        return np.array([self._value(t, rho)])
+
+    def _product(self, t, rho, v, exact: bool):
+        off, m, p = self._lay()
+        out = np.zeros_like(t)
+        indptr, nbr, wts = self.pairs.directed()
+        K.hvp_csr(t, v, off, m, p, indptr, nbr, wts, self._strength(rho), exact, out,
+                  self.layout.max_block)
+        return out
+
+    def _hvp(self, t, rho, v):
+        return self._product(t, rho, v, True)
+
+    def _gn_hvp(self, t, rho, v):
+        return self._product(t, rho, v, False)
+
+    def _hessian_diag(self, t, rho):
+        return None
+
+    def _gn_diag(self, t, rho):
+        off, m, p = self._lay()
+        colsq = K.col_sqsums(t, off, m, p, np.arange(self.k_atoms, dtype=np.int64))
+        diag_s = self.pairs.adjacency() @ colsq  # row a: Σ_b w_ab · colsq_b = diag(S_a)
+        diag_s *= self._strength(rho)
+        return np.repeat(diag_s, m, axis=0).ravel()
+
+    def weighted_grams(self, t, rho=None, atoms=None) -> np.ndarray:
+        """``s·S_a = s·Σ_b w_ab B_bᵀ B_b`` for ``atoms`` (all by default): array ``(n, p_out, p_out)``.
+
+        Atom ``a``'s diagonal block of the Gauss-Newton matrix is ``I_{M_a} ⊗ s·S_a``.
+        """
+        t = self._check_target(t)
+        s = self._strength(self._check_rho(rho))
+        atoms = np.arange(self.k_atoms, dtype=np.int64) if atoms is None else np.asarray(atoms, dtype=np.int64)
+        off, m, p = self._lay()
+        indptr, nbr, wts = self.pairs.directed()
+        S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms)
+        S *= s
+        return S
+
+    def accumulate_psd_majorizer_dense(self, t, rho, scale: float, out: np.ndarray) -> np.ndarray:
+        """Add ``scale·H_GN`` into the dense ``n × n`` array ``out`` block by block; return ``out``.
+
+        Diagonal blocks ``I ⊗ S_a`` and each pair's two off-diagonal blocks are written directly,
+        in ``O(Σ_pairs (M_j M_k + M_j + M_k)·p²)``.
+        """
+        t = self._check_target(t)
+        rho = self._check_rho(rho)
+        scale = check_finite_scalar(scale, "scale")
+        self._check_dense_out(out, t.shape[0])
+        s = self._strength(rho) * scale
+        off, m, p = self._lay()
+        atoms = np.arange(self.k_atoms, dtype=np.int64)
+        indptr, nbr, wts = self.pairs.directed()
+        S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms)
+        K.diag_blocks_into(S, atoms, off, m, p, s, out, 0, 0)
+        K.gn_offdiag_into(t, off, m, p, self.pairs.j, self.pairs.k, self.pairs.w, s, out, 0, 0)
+        return out
+
+    @staticmethod
+    def _check_dense_out(out, n: int) -> None:
+        if not isinstance(out, np.ndarray):
+            raise InvalidArgumentError(f"out must be a numpy array of shape ({n}, {n}), got {type(out).__name__}")
+        if out.shape != (n, n):
+            raise ShapeMismatchError(f"out has shape {out.shape}, expected ({n}, {n}) for len(t) = {n}")
+        if out.dtype != np.float64 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise InvalidArgumentError(
+                f"out must be a writeable C-contiguous float64 array, got dtype {out.dtype}, "
+                f"c_contiguous={out.flags.c_contiguous}, writeable={out.flags.writeable}"
+            )
+
+    # ---------------------------------------------------------------- schedules
+    def _check_schedule(self, schedule) -> None:
+        super()._check_schedule(schedule)
+        if schedule.lower <= 0:
+            raise InvalidArgumentError(
+                f"the decoder weight must stay > 0, but the schedule reaches {schedule.lower!r}; "
+                "use w_start, w_end > 0"
+            )
+
+    def _schedule_weight_changed(self, w: float) -> None:
+        self.weight = check_finite_scalar(w, "weight", positive=True)
