@@ -204,6 +204,29 @@ class DecoderLayout:
         atoms = np.asarray(atoms, dtype=np.int64)
         return _ranges(self.offsets[atoms], self.offsets[atoms + 1])
 
+    def block_matmul(self, t: np.ndarray, mats: np.ndarray, atoms=None) -> np.ndarray:
+        """``V_a @ mats[i]`` for each atom ``a = atoms[i]`` (all atoms by default), as one flat vector.
+
+        ``t`` holds the blocks of exactly those atoms, in order; ``mats`` is ``(n_atoms, p, p)``.
+        Atoms are grouped by block size, so there is one batched matmul per distinct ``M``.
+        """
+        atoms = np.arange(self.k_atoms) if atoms is None else np.asarray(atoms, dtype=np.int64)
+        sizes = self.block_sizes[atoms]
+        p = self.p_out
+        if mats.shape != (atoms.shape[0], p, p):
+            raise ShapeMismatchError(f"mats has shape {mats.shape}, expected ({atoms.shape[0]}, {p}, {p})")
+        if t.shape[0] != int(sizes.sum()) * p:
+            raise ShapeMismatchError(f"t has {t.shape[0]} entries, expected {int(sizes.sum()) * p}")
+        rows = t.reshape(-1, p)
+        out = np.empty_like(rows)
+        first_row = np.zeros(atoms.shape[0], dtype=np.int64)
+        np.cumsum(sizes[:-1], out=first_row[1:])
+        for m in np.unique(sizes):  # at most a handful of distinct block sizes
+            sel = np.flatnonzero(sizes == m)
+            idx = first_row[sel][:, None] + np.arange(m)[None, :]
+            out[idx] = np.matmul(rows[idx], mats[sel])
+        return out.ravel()
+
     def to_spec(self) -> dict:
         return {"block_sizes": self.block_sizes.tolist(), "p_out": self.p_out}
 

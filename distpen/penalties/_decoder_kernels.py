@@ -237,3 +237,40 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms):
                     for o2 in range(p):
                         out[i, o1, o2] += x * beta[row + o2]
     return out
+
+
+@njit(parallel=True, **_OPTS)
+def cross_hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, out, mmax):
+    """Off-diagonal part of the Gauss-Newton product: ``out_a += Σ_b W (B_a V_bᵀ) B_b``.
+
+    Together with the diagonal blocks ``V_a·S_a`` it makes the full product ``Σ_b W dC B_b``.
+    """
+    n_src = indptr.shape[0] - 1
+    for a in prange(n_src):
+        e0 = indptr[a]
+        e1 = indptr[a + 1]
+        if e0 == e1:
+            continue
+        ma = m[a]
+        oa = off[a]
+        D = np.empty((mmax, mmax))
+        for e in range(e0, e1):
+            b = nbr[e]
+            w = wts[e] * scale
+            mb = m[b]
+            ob = off[b]
+            for r in range(ma):
+                ra = oa + r * p
+                for c in range(mb):
+                    rb = ob + c * p
+                    acc = 0.0
+                    for o in range(p):
+                        acc += beta[ra + o] * v[rb + o]
+                    D[r, c] = w * acc
+            for r in range(ma):
+                base = oa + r * p
+                for c in range(mb):
+                    coef = D[r, c]
+                    src = ob + c * p
+                    for o in range(p):
+                        out[base + o] += coef * beta[src + o]

@@ -240,17 +240,98 @@ class DecoderIncoherencePenalty(Penalty):
         in ``O(Σ_pairs (M_j M_k + M_j + M_k)·p²)``.
         """
         t = self._check_target(t)
+        self._check_dense_out(out, t.shape[0])
+        return self.accumulate_psd_majorizer_tile(t, rho, scale, out, 0, 0)
+
+    def accumulate_psd_majorizer_tile(self, t, rho, scale: float, out: np.ndarray, row0: int, col0: int,
+                                      grams=None) -> np.ndarray:
+        """Add the part of ``scale·H_GN`` in rows ``[row0, row0 + out.shape[0])`` and columns
+        ``[col0, col0 + out.shape[1])`` into the 2-D float64 array ``out``; return ``out``.
+
+        ``grams = (atoms, S)`` supplies the strength-scaled ``s·S_a`` of the diagonal blocks (from
+        :meth:`weighted_grams` over the complete pair set) when this penalty holds only the pairs
+        that touch the tile; by default they are computed from this penalty's own pairs.
+        """
+        t = self._check_target(t)
         rho = self._check_rho(rho)
         scale = check_finite_scalar(scale, "scale")
-        self._check_dense_out(out, t.shape[0])
-        s = self._strength(rho) * scale
+        if not (isinstance(out, np.ndarray) and out.ndim == 2 and out.dtype == np.float64
+                and out.flags.c_contiguous and out.flags.writeable):
+            raise InvalidArgumentError("out must be a writeable C-contiguous 2-D float64 array")
+        s = self._strength(rho)
         off, m, p = self._lay()
-        atoms = np.arange(self.k_atoms, dtype=np.int64)
-        indptr, nbr, wts = self.pairs.directed()
-        S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms)
-        K.diag_blocks_into(S, atoms, off, m, p, s, out, 0, 0)
-        K.gn_offdiag_into(t, off, m, p, self.pairs.j, self.pairs.k, self.pairs.w, s, out, 0, 0)
+        if grams is None:
+            atoms = np.arange(self.k_atoms, dtype=np.int64)
+            indptr, nbr, wts = self.pairs.directed()
+            S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms)
+            diag_scale = s * scale
+        else:
+            atoms, S = np.asarray(grams[0], dtype=np.int64), np.ascontiguousarray(grams[1], dtype=np.float64)
+            if S.shape != (atoms.shape[0], p, p):
+                raise ShapeMismatchError(f"grams S has shape {S.shape}, expected ({atoms.shape[0]}, {p}, {p})")
+            diag_scale = scale
+        K.diag_blocks_into(S, atoms, off, m, p, diag_scale, out, int(row0), int(col0))
+        K.gn_offdiag_into(t, off, m, p, self.pairs.j, self.pairs.k, self.pairs.w, s * scale, out,
+                          int(row0), int(col0))
         return out
+
+    def evaluate_owned(self, t, rho, ops, v=None, *, out_atoms=None, value_atoms=None) -> dict:
+        """Operations restricted to the atoms a worker owns ("owner computes").
+
+        Vector results (``grad``, ``hvp``, ``psd_majorizer_hvp``, ``psd_majorizer_diag`` and
+        ``psd_majorizer_offdiag_hvp`` — the Gauss-Newton product without its diagonal blocks
+        ``I ⊗ S_a``, used with stored ``S_a`` by the factored form) are the
+        rows of atoms ``out_atoms = (lo, hi)`` only — exactly those of the full operation, provided
+        the penalty holds every pair touching them — as one flat array of their coefficients.
+        ``value`` and ``grad_rho`` count the pairs whose ``j`` lies in ``value_atoms``, so disjoint
+        value ranges sum to the full value. ``hessian_diag`` is ``None``.
+        """
+        t = self._check_target(t)
+        rho = self._check_rho(rho)
+        K_ = self.k_atoms
+        lo, hi = (0, K_) if out_atoms is None else (int(out_atoms[0]), int(out_atoms[1]))
+        vlo, vhi = (0, K_) if value_atoms is None else (int(value_atoms[0]), int(value_atoms[1]))
+        if not (0 <= lo <= hi <= K_ and 0 <= vlo <= vhi <= K_):
+            raise InvalidArgumentError(f"atom ranges {out_atoms!r}, {value_atoms!r} must lie in [0, {K_}]")
+        s = self._strength(rho)
+        off, m, p = self._lay()
+        c0, c1 = int(off[lo]), int(off[hi])
+        res: dict = {}
+        if "value" in ops or "grad_rho" in ops:
+            q0, q1 = np.searchsorted(self.pairs.j, [vlo, vhi])
+            sq = K.pair_sqnorms(t, off, m, p, self.pairs.j[q0:q1], self.pairs.k[q0:q1])
+            val = 0.5 * s * float(np.dot(self.pairs.w[q0:q1], sq))
+            if "value" in ops:
+                res["value"] = val
+            if "grad_rho" in ops:
+                res["grad_rho"] = np.array([val]) if self.learnable_weight else np.zeros(0)
+        indptr, nbr, wts = self.pairs.directed()
+        # sources outside [lo, hi) get no edges: the kernels then only touch owned rows
+        owned_ptr = np.clip(indptr, indptr[lo], indptr[hi])
+        if "grad" in ops:
+            g = np.zeros_like(t)
+            K.grad_csr(t, off, m, p, owned_ptr, nbr, wts, s, g, self.layout.max_block)
+            res["grad"] = g[c0:c1]
+        if "hvp" in ops or "psd_majorizer_hvp" in ops:
+            v = self._check_probe(v, t)
+            for name, exact in (("hvp", True), ("psd_majorizer_hvp", False)):
+                if name in ops:
+                    h = np.zeros_like(t)
+                    K.hvp_csr(t, v, off, m, p, owned_ptr, nbr, wts, s, exact, h, self.layout.max_block)
+                    res[name] = h[c0:c1]
+        if "psd_majorizer_offdiag_hvp" in ops:
+            v = self._check_probe(v, t)
+            h = np.zeros_like(t)
+            K.cross_hvp_csr(t, v, off, m, p, owned_ptr, nbr, wts, s, h, self.layout.max_block)
+            res["psd_majorizer_offdiag_hvp"] = h[c0:c1]
+        if "psd_majorizer_diag" in ops:
+            colsq = K.col_sqsums(t, off, m, p, np.arange(K_, dtype=np.int64))
+            diag_s = self.pairs.adjacency()[lo:hi] @ colsq
+            diag_s *= s
+            res["psd_majorizer_diag"] = np.repeat(diag_s, m[lo:hi], axis=0).ravel()
+        if "hessian_diag" in ops:
+            res["hessian_diag"] = None
+        return res
 
     @staticmethod
     def _check_dense_out(out, n: int) -> None:

@@ -1,0 +1,46 @@
+"""Worker-side helpers: how many threads a compiled kernel may use inside one Dask task."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+__all__ = ["kernel_threads", "threads_per_task"]
+
+
+@contextlib.contextmanager
+def kernel_threads(n: int):
+    """Limit numba's parallel loops and BLAS to ``n`` threads inside the block.
+
+    Dask runs several tasks per machine; without a limit each task's kernels would start one
+    thread per core and oversubscribe it.
+    """
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield n
+    finally:
+        numba.set_num_threads(previous)
+
+
+def threads_per_task(client) -> int:
+    """Cores per running task on the busiest host of the cluster (at least 1).
+
+    A host's cores are asked of its workers (``os.cpu_count`` there), its running tasks are the
+    sum of its workers' threads.
+    """
+    workers = client.scheduler_info().get("workers", {})
+    if not workers:
+        return 1
+    cores = client.run(os.cpu_count)
+    per_host: dict[str, list[int]] = {}
+    for addr, w in workers.items():
+        host = w.get("host", addr)
+        entry = per_host.setdefault(host, [int(cores.get(addr) or 1), 0])
+        entry[1] += int(w.get("nthreads", 1))
+    return max(1, min(c // max(n, 1) for c, n in per_host.values()))

@@ -1,0 +1,811 @@
+"""Dask plans: penalty evaluation and Gauss-Newton curvature over atom ranges and tiles (DESIGN §3).
+
+The math stays in the penalty classes: every task rebuilds a *local* penalty over the atoms its
+work touches (``DecoderIncoherencePenalty.with_pairs`` on renumbered pairs) and calls its methods.
+
+Decoder incoherence — **owner computes**. Atoms are cut into contiguous ranges of balanced cost
+(Σ over each atom's pairs of ``M_a·M_b·p_out``). The task owning a range receives the pairs that
+touch it, reads the decoder blocks of those pairs' atoms, and computes the rows of its own atoms
+of every vector result (so each output chunk is written by exactly one task, with no shuffle) and
+the value of the pairs whose ``j`` it owns (so values tree-sum to the total).
+
+Nested prefix — a row-chunked ``dask.array`` map: value and ρ-gradient are per-chunk sums
+tree-reduced with ``split_every``; vector results are chunk-aligned maps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._sources import VectorSource, as_vector_source, is_dask_array, is_zarr_array
+from ._validation import check_finite_scalar, check_positive_int
+from ._workers import kernel_threads, threads_per_task
+from .errors import InvalidArgumentError, ShapeMismatchError
+from .pairs import PairTable
+from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty
+
+__all__ = ["OPS", "evaluate", "DecoderPlan", "partition_atoms"]
+
+OPS = ("value", "grad", "grad_rho", "hvp", "psd_majorizer_hvp", "psd_majorizer_diag", "hessian_diag")
+SCALAR_OPS = ("value", "grad_rho")
+VECTOR_OPS = ("grad", "hvp", "psd_majorizer_hvp", "psd_majorizer_diag", "hessian_diag")
+PROBE_OPS = ("hvp", "psd_majorizer_hvp")
+#: results up to this many bytes come back as numpy when no ``out`` is given
+NUMPY_RESULT_LIMIT = 2 * 2**30
+
+
+def _client():
+    from .cluster import get_client
+
+    return get_client()
+
+
+def check_ops(ops, v) -> tuple[str, ...]:
+    """Validate the requested operations (and that ``v`` is there when a product is asked for)."""
+    if isinstance(ops, str):
+        ops = (ops,)
+    ops = tuple(ops)
+    if not ops:
+        raise InvalidArgumentError(f"ops is empty; expected some of {OPS}")
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        raise InvalidArgumentError(f"unknown op {unknown[0]!r} in ops; expected names from {OPS}")
+    if v is None and any(o in PROBE_OPS for o in ops):
+        raise InvalidArgumentError(
+            f"ops {[o for o in ops if o in PROBE_OPS]} need a probe vector: pass v= of the same length as t"
+        )
+    return tuple(dict.fromkeys(ops))
+
+
+# --------------------------------------------------------------------------- partitioning
+def atom_costs(pen: DecoderIncoherencePenalty) -> np.ndarray:
+    """Work of owning each atom: ``M_a·p·(1 + Σ_{b~a} M_b)``."""
+    m = pen.block_sizes.astype(np.float64)
+    pairs = pen.pairs
+    partner_rows = (np.bincount(pairs.j, weights=m[pairs.k], minlength=pen.k_atoms)
+                    + np.bincount(pairs.k, weights=m[pairs.j], minlength=pen.k_atoms))
+    return m * pen.p_out * (1.0 + partner_rows)
+
+
+def partition_atoms(pen: DecoderIncoherencePenalty, n_parts: int) -> np.ndarray:
+    """Cut atoms into at most ``n_parts`` contiguous ranges of balanced cost; returns the ``n+1`` atom bounds."""
+    K = pen.k_atoms
+    n_parts = max(1, min(int(n_parts), K))
+    cost = np.cumsum(atom_costs(pen))
+    targets = cost[-1] * np.arange(1, n_parts) / n_parts
+    cuts = np.searchsorted(cost, targets, side="left") + 1
+    return np.unique(np.concatenate([[0], np.clip(cuts, 1, K), [K]])).astype(np.int64)
+
+
+def chunk_aligned_bounds(pen: DecoderIncoherencePenalty, chunk: int, n_parts: int) -> np.ndarray:
+    """Coefficient bounds that are multiples of ``chunk`` (Zarr chunk edges), balanced by cost."""
+    n = pen.n_coef
+    n_chunks = -(-n // chunk)
+    n_parts = max(1, min(int(n_parts), n_chunks))
+    # cost of each Zarr chunk: cost of the atoms starting in it
+    starts = pen.layout.offsets[:-1]
+    per_chunk = np.bincount(starts // chunk, weights=atom_costs(pen), minlength=n_chunks)
+    cost = np.cumsum(per_chunk) + np.arange(1, n_chunks + 1)  # never zero-cost chunks
+    targets = cost[-1] * np.arange(1, n_parts) / n_parts
+    cuts = np.searchsorted(cost, targets, side="left") + 1
+    chunk_edges = np.unique(np.concatenate([[0], np.clip(cuts, 1, n_chunks), [n_chunks]]))
+    return np.minimum(chunk_edges.astype(np.int64) * chunk, n)
+
+
+@dataclass
+class _Part:
+    """One task's share of a decoder problem (built on the client, shipped to a worker)."""
+
+    index: int
+    c0: int                      # global coefficient range this part writes
+    c1: int
+    local: DecoderIncoherencePenalty  # penalty over the local atoms, pairs renumbered
+    starts: np.ndarray           # global offsets of the local atoms' blocks (for reading t, v)
+    lengths: np.ndarray
+    out_atoms: tuple[int, int]   # local ids of the owned atoms
+    value_atoms: tuple[int, int]
+    trim: tuple[int, int]        # slice of the owned rows that falls in [c0, c1)
+    atoms: np.ndarray = field(repr=False, default=None)  # global ids of the local atoms
+
+
+class DecoderPlan:
+    """The owner-computes split of a decoder penalty into parts (see the module docstring).
+
+    Parameters
+    ----------
+    pen : DecoderIncoherencePenalty
+    bounds : array of int
+        Coefficient bounds ``0 = c_0 < … < c_n = n_coef`` of the parts.
+    """
+
+    def __init__(self, pen: DecoderIncoherencePenalty, bounds: np.ndarray):
+        self.pen = pen
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+        lay = pen.layout
+        pairs = pen.pairs
+        self._perm_k = np.argsort(pairs.k, kind="stable")
+        self._k_sorted = pairs.k[self._perm_k]
+        self.parts = [self._make_part(i, int(c0), int(c1))
+                      for i, (c0, c1) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))]
+        del lay
+
+    @classmethod
+    def balanced(cls, pen, n_parts: int, chunk: int | None = None) -> "DecoderPlan":
+        if chunk is None:
+            atoms = partition_atoms(pen, n_parts)
+            return cls(pen, pen.layout.offsets[atoms])
+        return cls(pen, chunk_aligned_bounds(pen, chunk, n_parts))
+
+    def _make_part(self, index: int, c0: int, c1: int) -> _Part:
+        pen, lay, pairs = self.pen, self.pen.layout, self.pen.pairs
+        off = lay.offsets
+        lo = int(np.searchsorted(off, c0, side="right") - 1)
+        hi = int(np.searchsorted(off, c1, side="left"))
+        vlo = int(np.searchsorted(off[:-1], c0, side="left"))
+        vhi = int(np.searchsorted(off[:-1], c1, side="left"))
+        # pairs touching [lo, hi): j in range (a contiguous slice) or k in range with j before it
+        q0, q1 = np.searchsorted(pairs.j, [lo, hi])
+        a, b = np.searchsorted(self._k_sorted, [lo, hi])
+        from_k = self._perm_k[a:b]
+        from_k = from_k[pairs.j[from_k] < lo]
+        idx = np.concatenate([np.arange(q0, q1), np.sort(from_k)])
+        idx.sort()
+        sub = PairTable(pairs.j[idx], pairs.k[idx], pairs.w[idx], pairs.k_atoms, _trusted=True)
+        atoms = np.union1d(sub.atoms(), np.arange(lo, hi, dtype=np.int64))
+        if atoms.shape[0] < 2:  # a layout needs two atoms; add a neighbour that plays no part
+            atoms = np.union1d(atoms, [0 if atoms[0] != 0 else 1])
+        local_pairs, _ = sub.restrict(atoms)
+        local = pen.with_pairs(local_pairs, lay.subset(atoms))
+        llo = int(np.searchsorted(atoms, lo))
+        lvlo, lvhi = (int(x) for x in np.searchsorted(atoms, [vlo, vhi]))
+        trim = (c0 - int(off[lo]), c1 - int(off[lo]))
+        return _Part(index, c0, c1, local, off[atoms].copy(), lay.block_sizes[atoms] * lay.p_out,
+                     (llo, llo + (hi - lo)), (lvlo, lvhi), trim, atoms)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+def _run_part(part: _Part, t_src: VectorSource, t_payload, v_src, v_payload, rho, ops, threads,
+              writers=None):
+    """Worker task: one part's operations with the penalty's own kernels."""
+    with kernel_threads(threads):
+        t_local = t_src.read_ranges(part.starts, part.lengths, t_payload)
+        v_local = None if v_src is None else v_src.read_ranges(part.starts, part.lengths, v_payload)
+        res = part.local.evaluate_owned(t_local, rho, ops, v_local, out_atoms=part.out_atoms,
+                                        value_atoms=part.value_atoms)
+    a, b = part.trim
+    out = {}
+    for name, val in res.items():
+        if name in VECTOR_OPS and val is not None:
+            val = val[a:b]
+            if writers is not None and name in writers:
+                writers[name][part.c0:part.c1] = val
+                val = None
+        out[name] = val
+    return part.index, out
+
+
+def _sum_tree(values, split_every: int = 8):
+    """Deterministic pairwise tree sum (fixed order) of floats or equal-shape arrays."""
+    vals = list(values)
+    if not vals:
+        return 0.0
+    while len(vals) > 1:
+        vals = [math.fsum(vals[i:i + split_every]) if np.isscalar(vals[i])
+                else np.sum(vals[i:i + split_every], axis=0) for i in range(0, len(vals), split_every)]
+    return vals[0]
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(penalty: Penalty, t, rho, *, ops=("value", "grad"), v=None, out=None, n_tasks=None,
+             chunk=None, row_chunk=None, split_every=None, progress=None) -> dict:
+    """Evaluate penalty operations on the Dask cluster.
+
+    Parameters
+    ----------
+    penalty : DecoderIncoherencePenalty or NestedPrefixPenalty
+    t : array of shape (n,) — numpy, dask or zarr (the nested penalty also takes ``(n_rows, F)``)
+    rho : array of shape (penalty.rho_count,)
+    ops : sequence of str
+        From ``value, grad, grad_rho, hvp, psd_majorizer_hvp, psd_majorizer_diag, hessian_diag``.
+    v : array like ``t``, optional
+        Probe vector, required by ``hvp`` and ``psd_majorizer_hvp``.
+    out : str or zarr.Group, optional
+        Where vector results are written as Zarr arrays (one per op). Without it they come back
+        as numpy arrays.
+    n_tasks : int, optional
+        Number of decoder parts (default: 4 per worker thread).
+    chunk : int, optional
+        Zarr chunk length of vector outputs (decoder) — parts are aligned to it.
+    row_chunk : int, optional
+        Rows per chunk of the nested penalty's target.
+    split_every : int, optional
+        Fan-in of the tree reductions.
+
+    Returns
+    -------
+    dict
+        Keyed by op name: floats for ``value``, numpy arrays for ``grad_rho``, numpy or Zarr
+        arrays for vector ops (``None`` for the decoder's ``hessian_diag``).
+
+    Raises
+    ------
+    InvalidArgumentError, ShapeMismatchError
+        Before any work: unknown op, missing ``v``, ``t``/``v`` of the wrong size, bad ρ.
+
+    Examples
+    --------
+    >>> res = dp.evaluate(pen, beta, rho, ops=("value", "grad"))   # doctest: +SKIP
+    """
+    ops = check_ops(ops, v)
+    split_every = 8 if split_every is None else check_positive_int(split_every, "split_every")
+    if split_every < 2:
+        raise InvalidArgumentError(f"split_every must be ≥ 2, got {split_every}")
+    if isinstance(penalty, DecoderIncoherencePenalty):
+        return _evaluate_decoder(penalty, t, rho, ops, v, out, n_tasks, chunk, split_every, progress)
+    if isinstance(penalty, NestedPrefixPenalty):
+        return _evaluate_nested(penalty, t, rho, ops, v, out, row_chunk, split_every)
+    raise InvalidArgumentError(
+        f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
+    )
+
+
+def _open_out_group(out, overwrite: bool = True):
+    import zarr
+
+    if out is None:
+        return None
+    if isinstance(out, zarr.Group):
+        return out
+    return zarr.open_group(str(out), mode="a")
+
+
+def _evaluate_decoder(pen, t, rho, ops, v, out, n_tasks, chunk, split_every, progress):
+    rho = pen._check_rho(rho)
+    n = pen.n_coef
+    client = _client()
+    group = _open_out_group(out)
+    vec_ops = [o for o in ops if o in VECTOR_OPS and o != "hessian_diag"]
+    if group is None and len(vec_ops) * n * 8 > NUMPY_RESULT_LIMIT:
+        raise InvalidArgumentError(
+            f"the vector results need {len(vec_ops) * n * 8 / 2**30:.1f} GiB; pass out= to write them to Zarr"
+        )
+    spill = None if group is None else _spill_path(group, "t")
+    t_src, _ = as_vector_source(t, n, "t", client=client, spill_path=spill)
+    v_src = None
+    if v is not None and any(o in PROBE_OPS for o in ops):
+        v_src, _ = as_vector_source(v, n, "v", client=client,
+                                    spill_path=None if group is None else _spill_path(group, "v"))
+    threads = threads_per_task(client)
+    n_workers_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+    n_tasks = 4 * max(1, n_workers_threads) if n_tasks is None else check_positive_int(n_tasks, "n_tasks")
+    writers = None
+    if group is not None:
+        chunk = min(n, 1 << 20) if chunk is None else check_positive_int(chunk, "chunk")
+        plan = DecoderPlan.balanced(pen, n_tasks, chunk=chunk)
+        writers = {}
+        for name in vec_ops:
+            writers[name] = group.create_array(name, shape=(n,), chunks=(chunk,), dtype="f8",
+                                               fill_value=0.0, overwrite=True)
+    else:
+        plan = DecoderPlan.balanced(pen, n_tasks)
+    return _run_plan(client, plan, t_src, v_src, rho, ops, threads, writers, split_every, progress, n)
+
+
+def _run_plan(client, plan, t_src, v_src, rho, ops, threads, writers, split_every, progress, n):
+    from distributed import as_completed
+
+    futures = [client.submit(_run_part, part, t_src.meta(), t_src.task_payload(),
+                             None if v_src is None else v_src.meta(),
+                             None if v_src is None else v_src.task_payload(), rho, ops, threads, writers,
+                             pure=False)
+               for part in plan.parts]
+    results = [None] * len(futures)
+    t0 = time.perf_counter()
+    for done, fut in enumerate(as_completed(futures), 1):
+        idx, res = fut.result()
+        results[idx] = res
+        if progress is not None:
+            progress(done, len(futures), time.perf_counter() - t0)
+    return _combine(results, ops, writers, split_every, n)
+
+
+def _combine(results, ops, writers, split_every, n):
+    res = {}
+    for name in ops:
+        if name in ("value", "grad_rho"):
+            res[name] = _sum_tree([r[name] for r in results], split_every)
+            if name == "value":
+                res[name] = float(res[name])
+            else:
+                res[name] = np.asarray(res[name], dtype=np.float64).reshape(-1)
+        elif name == "hessian_diag":
+            res[name] = None
+        elif writers is not None and name in writers:
+            res[name] = writers[name]
+        else:
+            res[name] = np.concatenate([r[name] for r in results]) if results else np.zeros(n)
+    return res
+
+
+def _spill_path(group, name: str) -> str:
+    import os
+
+    store_path = getattr(group.store, "root", None)
+    if store_path is None:
+        return None
+    return os.path.join(str(store_path), group.path, f"_input_{name}")
+
+
+# --------------------------------------------------------------------------- nested prefix
+def _nested_value_block(block, pen, rho):
+    return np.array([pen.value(np.ascontiguousarray(block).ravel(), rho)])
+
+
+def _nested_grad_rho_block(block, pen, rho):
+    return pen.grad_rho(np.ascontiguousarray(block).ravel(), rho)[None, :]
+
+
+def _nested_vector_block(block, pen, rho, op):
+    flat = np.ascontiguousarray(block).ravel()
+    if op == "grad":
+        return pen.grad_target(flat, rho).reshape(block.shape)
+    return pen.hessian_diag(flat, rho).reshape(block.shape)
+
+
+def _nested_probe_block(block, vblock, pen, rho, op):
+    flat = np.ascontiguousarray(block).ravel()
+    vflat = np.ascontiguousarray(vblock).ravel()
+    fn = pen.hvp if op == "hvp" else pen.psd_majorizer_hvp
+    return fn(flat, rho, vflat).reshape(block.shape)
+
+
+def _nested_as_dask(x, pen, name, row_chunk):
+    import dask.array as da
+
+    F = pen.latent_dim
+    if is_zarr_array(x):
+        arr = da.from_zarr(x)
+    elif is_dask_array(x):
+        arr = x
+    else:
+        arr = pen._check_target(x, name)
+    size = int(np.prod(arr.shape))
+    if arr.ndim == 1:
+        if size == 0 or size % F:
+            raise ShapeMismatchError(
+                f"{name} has {size} entries, not a positive multiple of latent_dim = {F}; "
+                "the target is n_rows × latent_dim, row-major"
+            )
+        arr = arr.reshape(size // F, F) if not isinstance(arr, np.ndarray) else arr.reshape(-1, F)
+    elif arr.ndim != 2 or arr.shape[1] != F:
+        raise ShapeMismatchError(f"{name} has shape {arr.shape}; expected (n_rows, {F}) or a flat vector")
+    if arr.dtype.kind not in "fiu":
+        raise InvalidArgumentError(f"{name} has dtype {arr.dtype}; expected a real float array")
+    if row_chunk is None:
+        row_chunk = max(1, (32 * 2**20) // (8 * F))
+    if isinstance(arr, np.ndarray):
+        arr = da.from_array(arr, chunks=(row_chunk, F))
+    else:
+        arr = arr.astype(np.float64).rechunk((row_chunk, F))
+    return arr
+
+
+def _evaluate_nested(pen, t, rho, ops, v, out, row_chunk, split_every):
+    import dask
+    import dask.array as da
+
+    rho = pen._check_rho(rho)
+    if row_chunk is not None:
+        row_chunk = check_positive_int(row_chunk, "row_chunk")
+    numpy_in = not (is_zarr_array(t) or is_dask_array(t))
+    T = _nested_as_dask(t, pen, "t", row_chunk)
+    V = None
+    if any(o in PROBE_OPS for o in ops):
+        V = _nested_as_dask(v, pen, "v", T.chunks[0][0])
+        if V.shape != T.shape:
+            raise ShapeMismatchError(f"v has shape {V.shape}, expected {T.shape} like t")
+        V = V.rechunk(T.chunks)
+    _client()
+    group = _open_out_group(out)
+    nb = T.numblocks[0]
+    lazy = {}
+    if "value" in ops:
+        parts = T.map_blocks(_nested_value_block, pen, rho, dtype=np.float64, drop_axis=1,
+                             chunks=((1,) * nb,))
+        lazy["value"] = parts.sum(split_every=split_every)
+    if "grad_rho" in ops:
+        parts = T.map_blocks(_nested_grad_rho_block, pen, rho, dtype=np.float64,
+                             chunks=((1,) * nb, (pen.rho_count,)))
+        lazy["grad_rho"] = parts.sum(axis=0, split_every=split_every)
+    vec = {}
+    for name in ("grad", "hessian_diag", "psd_majorizer_diag"):
+        if name in ops:
+            op = "grad" if name == "grad" else "hessian_diag"
+            vec[name] = T.map_blocks(_nested_vector_block, pen, rho, op, dtype=np.float64)
+    for name in PROBE_OPS:
+        if name in ops:
+            vec[name] = da.map_blocks(_nested_probe_block, T, V, pen, rho, name, dtype=np.float64)
+    res = {}
+    if group is not None:
+        stores = []
+        for name, arr in vec.items():
+            z = group.create_array(name, shape=arr.shape, chunks=(arr.chunks[0][0], arr.shape[1]),
+                                   dtype="f8", fill_value=0.0, overwrite=True)
+            stores.append(arr.store(z, lock=False, compute=False))
+            res[name] = z
+        computed = dask.compute(lazy, *stores)[0]
+    else:
+        computed, vec_np = dask.compute(lazy, vec)
+        for name, arr in vec_np.items():
+            res[name] = arr.ravel() if numpy_in else arr
+    for name in ("value", "grad_rho"):
+        if name in computed:
+            res[name] = float(computed[name]) if name == "value" else np.asarray(computed[name])
+    return {name: res[name] for name in ops}
+
+
+# --------------------------------------------------------------------------- Gauss-Newton assembly
+def _atom_tile_spans(offsets: np.ndarray, tile: int):
+    """First and last tile index each atom's coefficient range touches."""
+    return offsets[:-1] // tile, (offsets[1:] - 1) // tile
+
+
+def tile_work(pen: DecoderIncoherencePenalty, tile: int):
+    """The non-empty tiles of ``H_GN`` and what contributes to each.
+
+    Returns ``(keys, pair_ptr, pair_ids, diag_ptr, diag_atoms)``: tile ``keys[i] = I·n_tiles + J``
+    receives the pairs ``pair_ids[pair_ptr[i]:pair_ptr[i+1]]`` (either orientation of their
+    off-diagonal blocks meets it) and the diagonal blocks of ``diag_atoms[diag_ptr[i]:diag_ptr[i+1]]``.
+    """
+    off = pen.layout.offsets
+    n_tiles = -(-pen.n_coef // tile)
+    t0, t1 = _atom_tile_spans(off, tile)
+    pj, pk = pen.pairs.j, pen.pairs.k
+    nI = t1[pj] - t0[pj] + 1
+    nJ = t1[pk] - t0[pk] + 1
+    count = nI * nJ
+    total = int(count.sum())
+    q = np.repeat(np.arange(pj.shape[0], dtype=np.int64), count)
+    first = np.repeat(np.cumsum(count) - count, count)
+    within = np.arange(total, dtype=np.int64) - first
+    I = t0[pj][q] + within // nJ[q]
+    J = t0[pk][q] + within % nJ[q]
+    keys = np.concatenate([I * n_tiles + J, J * n_tiles + I])
+    qq = np.concatenate([q, q])
+    both = np.unique(keys * max(1, pj.shape[0]) + qq)  # dedupe (tile, pair), sort by tile
+    pkeys, pids = both // max(1, pj.shape[0]), both % max(1, pj.shape[0])
+    # diagonal blocks I ⊗ S_a: atoms with at least one partner, on every tile (I, J) with I and J
+    # in the atom's own tile span (a block that straddles a tile edge reaches off-diagonal tiles)
+    deg = pen.pairs.degree()
+    active = np.flatnonzero(deg > 0)
+    dn = t1[active] - t0[active] + 1
+    dcount = dn * dn
+    da_ = np.repeat(active, dcount)
+    dfirst = np.repeat(np.cumsum(dcount) - dcount, dcount)
+    dwithin = np.arange(int(dcount.sum()), dtype=np.int64) - dfirst
+    dspan = np.repeat(dn, dcount)
+    dI = t0[da_] + dwithin // dspan
+    dJ = t0[da_] + dwithin % dspan
+    dkeys = dI * n_tiles + dJ
+    order = np.lexsort((da_, dkeys))
+    dkeys, da_ = dkeys[order], da_[order]
+    all_keys = np.union1d(pkeys, dkeys)
+    pair_ptr = np.searchsorted(pkeys, np.concatenate([all_keys, [np.iinfo(np.int64).max]]))
+    diag_ptr = np.searchsorted(dkeys, np.concatenate([all_keys, [np.iinfo(np.int64).max]]))
+    return all_keys, pair_ptr, pids, diag_ptr, da_
+
+
+@dataclass
+class _TileTask:
+    """One tile of ``H_GN``: rows ``[r0, r1)``, columns ``[c0, c1)``."""
+
+    key: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    local: DecoderIncoherencePenalty
+    starts: np.ndarray
+    lengths: np.ndarray
+    local_r0: int
+    local_c0: int
+    diag_global: np.ndarray  # atoms whose diagonal blocks meet the tile (global ids, for reading S)
+    diag_local: np.ndarray
+
+
+def _make_tile_task(pen, key, n_tiles, tile, pair_ids, diag_atoms) -> _TileTask:
+    lay, pairs = pen.layout, pen.pairs
+    off = lay.offsets
+    I, J = divmod(int(key), n_tiles)
+    r0, r1 = I * tile, min((I + 1) * tile, pen.n_coef)
+    c0, c1 = J * tile, min((J + 1) * tile, pen.n_coef)
+    row_atoms = np.arange(np.searchsorted(off, r0, "right") - 1, np.searchsorted(off, r1, "left"))
+    col_atoms = np.arange(np.searchsorted(off, c0, "right") - 1, np.searchsorted(off, c1, "left"))
+    sub = PairTable(pairs.j[pair_ids], pairs.k[pair_ids], pairs.w[pair_ids], pairs.k_atoms, _trusted=True)
+    atoms = np.union1d(np.union1d(sub.atoms(), diag_atoms), np.union1d(row_atoms, col_atoms)).astype(np.int64)
+    if atoms.shape[0] < 2:
+        atoms = np.union1d(atoms, [0 if atoms[0] != 0 else 1])
+    local_pairs, _ = sub.restrict(atoms)
+    local = pen.with_pairs(local_pairs, lay.subset(atoms))
+    loff = local.layout.offsets
+    lr = int(np.searchsorted(atoms, row_atoms[0]))
+    lc = int(np.searchsorted(atoms, col_atoms[0]))
+    local_r0 = r0 - int(off[row_atoms[0]]) + int(loff[lr])
+    local_c0 = c0 - int(off[col_atoms[0]]) + int(loff[lc])
+    return _TileTask(int(key), r0, r1, c0, c1, local, off[atoms].copy(), lay.block_sizes[atoms] * lay.p_out,
+                     local_r0, local_c0, np.asarray(diag_atoms, dtype=np.int64),
+                     np.searchsorted(atoms, diag_atoms).astype(np.int64))
+
+
+def _run_tiles(tasks, t_src, t_payload, rho, scale, S_array, H, threads, marker=None):
+    """Worker task: compute and write a batch of tiles; returns ``[(key, written, frobenius norm)]``."""
+    out = []
+    with kernel_threads(threads):
+        for task in tasks:
+            t_local = t_src.read_ranges(task.starts, task.lengths, t_payload)
+            block = np.zeros((task.r1 - task.r0, task.c1 - task.c0))
+            grams = None
+            if task.diag_global.shape[0]:
+                S = np.asarray(S_array.oindex[task.diag_global, :, :], dtype=np.float64)
+                grams = (task.diag_local, S)
+            else:
+                grams = (task.diag_local, np.zeros((0, task.local.p_out, task.local.p_out)))
+            task.local.accumulate_psd_majorizer_tile(t_local, rho, scale, block, task.local_r0,
+                                                     task.local_c0, grams=grams)
+            norm = float(np.linalg.norm(block))
+            written = norm > 0
+            if written:
+                H[task.r0:task.r1, task.c0:task.c1] = block
+            if marker is not None:
+                marker(task.key, {"norm": norm, "written": written})
+            out.append((task.key, written, norm))
+    return out
+
+
+def _run_grams(part: _Part, t_src, t_payload, rho, threads, S_array):
+    """Worker task: ``s·S_a`` of a part's owned atoms, written to the ``S`` array (atom-aligned)."""
+    with kernel_threads(threads):
+        t_local = t_src.read_ranges(part.starts, part.lengths, t_payload)
+        lo, hi = part.out_atoms
+        S = part.local.weighted_grams(t_local, rho, atoms=np.arange(lo, hi))
+    g0 = int(part.atoms[lo])
+    S_array[g0:g0 + (hi - lo)] = S
+    return part.index
+
+
+def _atom_aligned_bounds(pen, n_parts: int, atoms_per_chunk: int) -> np.ndarray:
+    """Atom bounds that are multiples of ``atoms_per_chunk`` (Zarr chunk edges of ``S``), cost-balanced."""
+    K = pen.k_atoms
+    n_chunks = -(-K // atoms_per_chunk)
+    per_chunk = np.bincount(np.arange(K) // atoms_per_chunk, weights=atom_costs(pen), minlength=n_chunks)
+    cost = np.cumsum(per_chunk) + np.arange(1, n_chunks + 1)
+    n_parts = max(1, min(int(n_parts), n_chunks))
+    targets = cost[-1] * np.arange(1, n_parts) / n_parts
+    cuts = np.searchsorted(cost, targets, side="left") + 1
+    edges = np.unique(np.concatenate([[0], np.clip(cuts, 1, n_chunks), [n_chunks]]))
+    return np.minimum(edges.astype(np.int64) * atoms_per_chunk, K)
+
+
+def default_tile(pen: Penalty, n: int) -> int:
+    """A square tile of at most 2048² float64 (32 MiB) that holds at least one full decoder block."""
+    block = pen.layout.max_block * pen.p_out if isinstance(pen, DecoderIncoherencePenalty) else 1
+    return int(min(n, max(2048, block)))
+
+
+def compute_grams(client, pen, t_src, rho, S_array, threads, n_parts, progress=None):
+    """Stage 1 of assembly: ``s·S_a`` for every atom into ``S_array`` (``K × p × p``, chunked by atoms)."""
+    from distributed import as_completed
+
+    apc = S_array.chunks[0]
+    atom_edges = _atom_aligned_bounds(pen, n_parts, apc)
+    plan = DecoderPlan(pen, pen.layout.offsets[atom_edges])
+    futs = [client.submit(_run_grams, part, t_src.meta(), t_src.task_payload(), rho, threads, S_array,
+                          pure=False) for part in plan.parts]
+    for done, _ in enumerate(as_completed(futs), 1):
+        if progress is not None:
+            progress("grams", done, len(futs))
+    client.gather(futs)
+
+
+def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, tile: int | None = None,
+                       format: str = "tiles", tiles_per_task: int | None = None, progress=None):
+    """Assemble ``scale·H_GN`` out of core, as square tiles of an ``n × n`` Zarr array.
+
+    Parameters
+    ----------
+    penalty : DecoderIncoherencePenalty or NestedPrefixPenalty
+    t : array of shape (n,) — numpy, dask or zarr
+    rho : array of shape (penalty.rho_count,)
+    out : str or zarr.Group
+        The group receiving ``H`` (``n × n``, chunks ``tile × tile``; only tiles with a
+        contribution are written) and ``S`` (``K × p × p``: each atom's diagonal block ``s·S_a``).
+    scale : float
+    tile : int, optional
+        Tile edge; the returned array's chunk shape is ``(tile, tile)``.
+    format : {"tiles", "factored"}
+        ``"factored"`` writes ``S``, the pairs and the decoder only, and returns a
+        :class:`FactoredMajorizer` whose ``matvec`` reproduces ``H_GN v``.
+
+    Returns
+    -------
+    zarr.Array of shape (n, n), or FactoredMajorizer
+
+    Raises
+    ------
+    InvalidArgumentError, ShapeMismatchError
+        On a non-positive tile, a ``t`` of the wrong size, bad ρ or scale, an unknown format.
+    """
+    import zarr
+    from distributed import as_completed
+
+    if format not in ("tiles", "factored"):
+        raise InvalidArgumentError(f"format must be 'tiles' or 'factored', got {format!r}")
+    scale = check_finite_scalar(scale, "scale")
+    rho = penalty._check_rho(rho) if isinstance(penalty, Penalty) else None
+    if isinstance(penalty, NestedPrefixPenalty):
+        return _assemble_nested(penalty, t, rho, out, scale, tile, format)
+    if not isinstance(penalty, DecoderIncoherencePenalty):
+        raise InvalidArgumentError(
+            f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
+        )
+    pen = penalty
+    n = pen.n_coef
+    if tile is not None:
+        tile = check_positive_int(tile, "tile")
+    tile = default_tile(pen, n) if tile is None else min(tile, n)
+    if out is None:
+        raise InvalidArgumentError("out is required: a path or zarr.Group to receive the tiles")
+    client = _client()
+    group = _open_out_group(out)
+    t_src, _ = as_vector_source(t, n, "t", client=client, spill_path=_spill_path(group, "t"))
+    threads = threads_per_task(client)
+    n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+    p = pen.p_out
+    apc = max(1, min(pen.k_atoms, (4 * 2**20) // (8 * p * p)))
+    S_array = group.create_array("S", shape=(pen.k_atoms, p, p), chunks=(apc, p, p), dtype="f8",
+                                 fill_value=0.0, overwrite=True)
+    compute_grams(client, pen, t_src, rho, S_array, threads, 4 * n_threads, progress)
+    if format == "factored":
+        return FactoredMajorizer.write(group, pen, t_src, rho, scale)
+    H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0,
+                           overwrite=True)
+    n_tiles = -(-n // tile)
+    keys, pair_ptr, pair_ids, diag_ptr, diag_atoms = tile_work(pen, tile)
+    tasks = [_make_tile_task(pen, keys[i], n_tiles, tile, pair_ids[pair_ptr[i]:pair_ptr[i + 1]],
+                             diag_atoms[diag_ptr[i]:diag_ptr[i + 1]]) for i in range(keys.shape[0])]
+    per = tiles_per_task or max(1, len(tasks) // (8 * n_threads) or 1)
+    batches = [tasks[i:i + per] for i in range(0, len(tasks), per)]
+    futs = [client.submit(_run_tiles, b, t_src.meta(), t_src.task_payload(), rho, scale, S_array, H,
+                          threads, pure=False) for b in batches]
+    written = []
+    for done, fut in enumerate(as_completed(futs), 1):
+        written.extend(fut.result())
+        if progress is not None:
+            progress("tiles", done, len(futs))
+    H.attrs.update({"tiles_written": int(sum(1 for _, w, _ in written if w)),
+                    "tiles_total": int(n_tiles * n_tiles), "scale": scale})
+    return H
+
+
+def _owned_offdiag(part: _Part, t_src, t_payload, v_src, v_payload, S_array, rho, scale, threads):
+    """Worker task: a part's rows of ``scale·H_GN v`` from the stored ``s·S_a`` and the pairs."""
+    with kernel_threads(threads):
+        t_local = t_src.read_ranges(part.starts, part.lengths, t_payload)
+        v_local = v_src.read_ranges(part.starts, part.lengths, v_payload)
+        res = part.local.evaluate_owned(t_local, rho, ("psd_majorizer_offdiag_hvp",), v_local,
+                                        out_atoms=part.out_atoms)
+        lo, hi = part.out_atoms
+        loff = part.local.layout.offsets
+        g = part.atoms[lo:hi]
+        S = np.asarray(S_array.oindex[g, :, :], dtype=np.float64)
+        diag = part.local.layout.block_matmul(v_local[loff[lo]:loff[hi]], S, np.arange(lo, hi))
+    a, b = part.trim
+    return part.index, scale * (res["psd_majorizer_offdiag_hvp"] + diag)[a:b]
+
+
+class FactoredMajorizer:
+    """``H_GN`` in factored form: per-atom diagonal blocks ``s·S_a`` (``K × p × p``), the pairs and the decoder.
+
+    ``matvec(v)`` reproduces ``scale·H_GN v`` exactly, on the cluster; the storage is
+    ``K·p²`` numbers plus the pairs, the compact form for very large K.
+    """
+
+    def __init__(self, group):
+        import zarr
+
+        self.group = group if isinstance(group, zarr.Group) else zarr.open_group(str(group), mode="r")
+        attrs = dict(self.group.attrs)
+        if attrs.get("format") != "distpen.FactoredMajorizer":
+            raise InvalidArgumentError(f"{group!r} does not hold a factored majorizer")
+        from .penalties import penalty_from_spec
+
+        self.pairs = PairTable.open(_child_path(self.group, "pairs"), validate=False)
+        self.penalty = penalty_from_spec(attrs["penalty"], self.pairs)
+        self.rho = np.asarray(attrs["rho"], dtype=np.float64)
+        self.scale = float(attrs["scale"])
+        self.S = self.group["S"]
+        self.beta = self.group["beta"]
+
+    @classmethod
+    def write(cls, group, pen, t_src, rho, scale) -> "FactoredMajorizer":
+        n = pen.n_coef
+        beta = group.create_array("beta", shape=(n,), chunks=(min(n, 1 << 20),), dtype="f8",
+                                  fill_value=0.0, overwrite=True)
+        if t_src.kind == "numpy":
+            beta[:] = t_src.read_all() if not hasattr(t_src.payload, "result") else t_src.payload.result()
+        else:
+            import dask.array as da
+
+            da.from_zarr(t_src.payload).astype("f8").reshape(-1).rechunk(beta.chunks).store(beta, lock=False)
+        pen.pairs.save(_child_path(group, "pairs"))
+        group.attrs.update({"format": "distpen.FactoredMajorizer", "penalty": pen.to_spec(),
+                            "rho": [float(x) for x in rho], "scale": float(scale), "n": n})
+        return cls(group)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.penalty.n_coef
+        return (n, n)
+
+    def matvec(self, v, *, n_tasks: int | None = None) -> np.ndarray:
+        """``scale·H_GN v`` (numpy in, numpy out), computed on the cluster."""
+        client = _client()
+        pen = self.penalty
+        n = pen.n_coef
+        v_src, _ = as_vector_source(v, n, "v", client=client)
+        t_src = VectorSource("zarr", self.beta, n)
+        threads = threads_per_task(client)
+        n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        plan = DecoderPlan.balanced(pen, n_tasks or 4 * n_threads)
+        futs = [client.submit(_owned_offdiag, part, t_src.meta(), None, v_src.meta(), v_src.task_payload(),
+                              self.S, self.rho, self.scale, threads, pure=False) for part in plan.parts]
+        out = [None] * len(futs)
+        for idx, val in client.gather(futs):
+            out[idx] = val
+        return np.concatenate(out)
+
+
+def _child_path(group, name: str) -> str:
+    import os
+
+    root = getattr(group.store, "root", None)
+    if root is None:
+        raise InvalidArgumentError("a factored majorizer needs a local directory store")
+    return os.path.join(str(root), group.path, name)
+
+
+def _assemble_nested(pen, t, rho, out, scale, tile, format):
+    """The nested penalty's majorizer is diagonal: tiles on the diagonal only."""
+    if format != "tiles":
+        raise InvalidArgumentError("the nested penalty's majorizer is diagonal; use format='tiles'")
+    import dask.array as da
+
+    res = evaluate(pen, t, rho, ops=("hessian_diag",))
+    d = np.asarray(res["hessian_diag"]).ravel() * scale
+    n = d.shape[0]
+    if tile is not None:
+        tile = check_positive_int(tile, "tile")
+    tile = min(n, tile or 2048)
+    group = _open_out_group(out)
+    H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0, overwrite=True)
+    starts = np.arange(0, n, tile)
+
+    def write(i0):
+        i1 = min(n, i0 + tile)
+        block = np.zeros((i1 - i0, i1 - i0))
+        np.fill_diagonal(block, d[i0:i1])
+        H[i0:i1, i0:i1] = block
+        return 1
+
+    client = _client()
+    client.gather(client.map(write, starts.tolist(), pure=False))
+    H.attrs.update({"tiles_written": int(starts.shape[0]), "tiles_total": int(starts.shape[0] ** 2),
+                    "scale": scale})
+    del da
+    return H
