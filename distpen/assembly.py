@@ -171,8 +171,13 @@ class DecoderPlan:
 
 
 def _run_part(part: _Part, t_src: VectorSource, t_payload, v_src, v_payload, rho, ops, threads,
-              writers=None):
-    """Worker task: one part's operations with the penalty's own kernels."""
+              writers=None, job=None):
+    """Worker task: one part's operations with the penalty's own kernels.
+
+    With ``writers`` the vector results go straight into their Zarr arrays (chunk-aligned: this
+    part is the only writer of its chunks) and, with ``job``, the part is marked complete with its
+    scalar partials in the marker, so a resumed job sums them without recomputing.
+    """
     with kernel_threads(threads):
         t_local = t_src.read_ranges(part.starts, part.lengths, t_payload)
         v_local = None if v_src is None else v_src.read_ranges(part.starts, part.lengths, v_payload)
@@ -187,6 +192,10 @@ def _run_part(part: _Part, t_src: VectorSource, t_payload, v_src, v_payload, rho
                 writers[name][part.c0:part.c1] = val
                 val = None
         out[name] = val
+    if job is not None:
+        scalars = {k: (float(v) if k == "value" else [float(x) for x in v])
+                   for k, v in out.items() if k in SCALAR_OPS}
+        job.mark_done(f"P.{part.index}", outputs=[], info=scalars)
     return part.index, out
 
 
@@ -203,7 +212,7 @@ def _sum_tree(values, split_every: int = 8):
 
 # --------------------------------------------------------------------------- evaluate
 def evaluate(penalty: Penalty, t, rho, *, ops=("value", "grad"), v=None, out=None, n_tasks=None,
-             chunk=None, row_chunk=None, split_every=None, progress=None) -> dict:
+             chunk=None, row_chunk=None, split_every=None, overwrite=False, progress=None) -> dict:
     """Evaluate penalty operations on the Dask cluster.
 
     Parameters
@@ -226,6 +235,8 @@ def evaluate(penalty: Penalty, t, rho, *, ops=("value", "grad"), v=None, out=Non
         Rows per chunk of the nested penalty's target.
     split_every : int, optional
         Fan-in of the tree reductions.
+    overwrite : bool
+        Replace a different job already in ``out`` (otherwise refused); the same job resumes.
 
     Returns
     -------
@@ -247,7 +258,7 @@ def evaluate(penalty: Penalty, t, rho, *, ops=("value", "grad"), v=None, out=Non
     if split_every < 2:
         raise InvalidArgumentError(f"split_every must be ≥ 2, got {split_every}")
     if isinstance(penalty, DecoderIncoherencePenalty):
-        return _evaluate_decoder(penalty, t, rho, ops, v, out, n_tasks, chunk, split_every, progress)
+        return _evaluate_decoder(penalty, t, rho, ops, v, out, n_tasks, chunk, split_every, progress, overwrite)
     if isinstance(penalty, NestedPrefixPenalty):
         return _evaluate_nested(penalty, t, rho, ops, v, out, row_chunk, split_every)
     raise InvalidArgumentError(
@@ -265,54 +276,81 @@ def _open_out_group(out, overwrite: bool = True):
     return zarr.open_group(str(out), mode="a")
 
 
-def _evaluate_decoder(pen, t, rho, ops, v, out, n_tasks, chunk, split_every, progress):
+def _evaluate_decoder(pen, t, rho, ops, v, out, n_tasks, chunk, split_every, progress, overwrite=False):
+    import zarr
+
+    from .store import RunStore
+
     rho = pen._check_rho(rho)
     n = pen.n_coef
-    client = _client()
-    group = _open_out_group(out)
     vec_ops = [o for o in ops if o in VECTOR_OPS and o != "hessian_diag"]
-    if group is None and len(vec_ops) * n * 8 > NUMPY_RESULT_LIMIT:
+    if out is None and len(vec_ops) * n * 8 > NUMPY_RESULT_LIMIT:
         raise InvalidArgumentError(
             f"the vector results need {len(vec_ops) * n * 8 / 2**30:.1f} GiB; pass out= to write them to Zarr"
         )
-    spill = None if group is None else _spill_path(group, "t")
-    t_src, _ = as_vector_source(t, n, "t", client=client, spill_path=spill)
+    # validate before any work or any write
+    if not is_dask_array(t):
+        as_vector_source(t, n, "t")
+    if v is not None and any(o in PROBE_OPS for o in ops) and not is_dask_array(v):
+        as_vector_source(v, n, "v")
+    if n_tasks is not None:
+        n_tasks = check_positive_int(n_tasks, "n_tasks")
+    if chunk is not None:
+        chunk = check_positive_int(chunk, "chunk")
+    client = _client()
+    job = None
+    group = None
+    done = set()
+    writers = None
+    if out is not None:
+        chunk = min(n, 1 << 20) if chunk is None else min(chunk, n)
+        # a deterministic partition (not tied to the cluster's size) so that a re-run resumes
+        n_tasks = min(-(-n // chunk), 64) if n_tasks is None else n_tasks
+        spec = {"kind": "evaluate", "ops": list(ops), "penalty": pen.to_spec(), "pairs": pairs_identity(pen.pairs),
+                "t": input_identity(t, "t"), "v": None if v is None else input_identity(v, "v"),
+                "rho": [float(x) for x in rho], "chunk": chunk, "n_tasks": n_tasks, "n": n}
+        plan = DecoderPlan.balanced(pen, n_tasks, chunk=chunk)
+        store = RunStore(out)
+        job = store.begin_job("evaluate", spec, [f"P.{i}" for i in range(len(plan))], overwrite=overwrite)
+        done = job.done()
+        group = zarr.open_group(store.path, mode="a")
+        writers = {}
+        for name in vec_ops:
+            if done and name in group:
+                writers[name] = group[name]
+            else:
+                writers[name] = group.create_array(name, shape=(n,), chunks=(chunk,), dtype="f8",
+                                                   fill_value=0.0, overwrite=True)
+    else:
+        n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        plan = DecoderPlan.balanced(pen, 4 * max(1, n_threads) if n_tasks is None else n_tasks)
+    t_src, _ = as_vector_source(t, n, "t", client=client,
+                                spill_path=None if group is None else _spill_path(group, "t"))
     v_src = None
     if v is not None and any(o in PROBE_OPS for o in ops):
         v_src, _ = as_vector_source(v, n, "v", client=client,
                                     spill_path=None if group is None else _spill_path(group, "v"))
     threads = threads_per_task(client)
-    n_workers_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
-    n_tasks = 4 * max(1, n_workers_threads) if n_tasks is None else check_positive_int(n_tasks, "n_tasks")
-    writers = None
-    if group is not None:
-        chunk = min(n, 1 << 20) if chunk is None else check_positive_int(chunk, "chunk")
-        plan = DecoderPlan.balanced(pen, n_tasks, chunk=chunk)
-        writers = {}
-        for name in vec_ops:
-            writers[name] = group.create_array(name, shape=(n,), chunks=(chunk,), dtype="f8",
-                                               fill_value=0.0, overwrite=True)
-    else:
-        plan = DecoderPlan.balanced(pen, n_tasks)
-    return _run_plan(client, plan, t_src, v_src, rho, ops, threads, writers, split_every, progress, n)
-
-
-def _run_plan(client, plan, t_src, v_src, rho, ops, threads, writers, split_every, progress, n):
-    from distributed import as_completed
-
+    t0 = time.perf_counter()
+    results = [None] * len(plan)
+    if job is not None:
+        for unit, m in job._markers().items():
+            results[int(unit.split(".")[1])] = {k: (np.asarray(val) if k == "grad_rho" else val)
+                                                 for k, val in m["info"].items()}
+    todo = [part for part in plan.parts if results[part.index] is None]
     futures = [client.submit(_run_part, part, t_src.meta(), t_src.task_payload(),
                              None if v_src is None else v_src.meta(),
-                             None if v_src is None else v_src.task_payload(), rho, ops, threads, writers,
-                             pure=False)
-               for part in plan.parts]
-    results = [None] * len(futures)
-    t0 = time.perf_counter()
-    for done, fut in enumerate(as_completed(futures), 1):
-        idx, res = fut.result()
-        results[idx] = res
-        if progress is not None:
-            progress(done, len(futures), time.perf_counter() - t0)
-    return _combine(results, ops, writers, split_every, n)
+                             None if v_src is None else v_src.task_payload(), rho, ops, threads, writers, job,
+                             pure=False) for part in todo]
+
+    def on_result(res):
+        results[res[0]] = res[1]
+
+    _Tracker(job, "evaluate", len(futures), progress).gather(futures, on_result)
+    res = _combine(results, ops, writers, split_every, n)
+    if job is not None:
+        job.finish(seconds=time.perf_counter() - t0, parts_computed=len(futures), value=res.get("value"))
+    return res
 
 
 def _combine(results, ops, writers, split_every, n):
@@ -543,32 +581,42 @@ def _make_tile_task(pen, key, n_tiles, tile, pair_ids, diag_atoms) -> _TileTask:
                      np.searchsorted(atoms, diag_atoms).astype(np.int64))
 
 
-def _run_tiles(tasks, t_src, t_payload, rho, scale, S_array, H, threads, marker=None):
-    """Worker task: compute and write a batch of tiles; returns ``[(key, written, frobenius norm)]``."""
+def _tile_unit(key: int, n_tiles: int) -> tuple[str, str]:
+    I, J = divmod(int(key), n_tiles)
+    return f"H.{I}.{J}", f"H/c/{I}/{J}"
+
+
+def _run_tiles(tasks, n_tiles, t_src, t_payload, rho, scale, S_array, H, threads, job=None, fail_keys=()):
+    """Worker task: compute and write a batch of tiles, marking each complete right after its write.
+
+    Returns ``[(key, written, frobenius norm)]``. A tile whose every entry is zero is not written.
+    """
     out = []
+    p = S_array.shape[1]
     with kernel_threads(threads):
         for task in tasks:
+            if task.key in fail_keys:  # test hook: an injected fault
+                raise RuntimeError(f"injected fault on tile {divmod(task.key, n_tiles)}")
             t_local = t_src.read_ranges(task.starts, task.lengths, t_payload)
             block = np.zeros((task.r1 - task.r0, task.c1 - task.c0))
-            grams = None
             if task.diag_global.shape[0]:
                 S = np.asarray(S_array.oindex[task.diag_global, :, :], dtype=np.float64)
-                grams = (task.diag_local, S)
             else:
-                grams = (task.diag_local, np.zeros((0, task.local.p_out, task.local.p_out)))
+                S = np.zeros((0, p, p))
             task.local.accumulate_psd_majorizer_tile(t_local, rho, scale, block, task.local_r0,
-                                                     task.local_c0, grams=grams)
+                                                     task.local_c0, grams=(task.diag_local, S))
             norm = float(np.linalg.norm(block))
             written = norm > 0
             if written:
                 H[task.r0:task.r1, task.c0:task.c1] = block
-            if marker is not None:
-                marker(task.key, {"norm": norm, "written": written})
+            if job is not None:
+                unit, rel = _tile_unit(task.key, n_tiles)
+                job.mark_done(unit, outputs=[rel] if written else [], info={"norm": norm, "written": written})
             out.append((task.key, written, norm))
     return out
 
 
-def _run_grams(part: _Part, t_src, t_payload, rho, threads, S_array):
+def _run_grams(part: _Part, t_src, t_payload, rho, threads, S_array, job=None):
     """Worker task: ``s·S_a`` of a part's owned atoms, written to the ``S`` array (atom-aligned)."""
     with kernel_threads(threads):
         t_local = t_src.read_ranges(part.starts, part.lengths, t_payload)
@@ -576,6 +624,10 @@ def _run_grams(part: _Part, t_src, t_payload, rho, threads, S_array):
         S = part.local.weighted_grams(t_local, rho, atoms=np.arange(lo, hi))
     g0 = int(part.atoms[lo])
     S_array[g0:g0 + (hi - lo)] = S
+    if job is not None:
+        apc = S_array.chunks[0]
+        for c in range(g0 // apc, -(-(g0 + hi - lo) // apc)):
+            job.mark_done(f"S.{c}", outputs=[])
     return part.index
 
 
@@ -598,23 +650,76 @@ def default_tile(pen: Penalty, n: int) -> int:
     return int(min(n, max(2048, block)))
 
 
-def compute_grams(client, pen, t_src, rho, S_array, threads, n_parts, progress=None):
-    """Stage 1 of assembly: ``s·S_a`` for every atom into ``S_array`` (``K × p × p``, chunked by atoms)."""
-    from distributed import as_completed
+def input_identity(x, name: str) -> dict:
+    """JSON identity of an input for a job spec: Zarr path/shape/chunks, or a digest of numpy data."""
+    import hashlib
 
-    apc = S_array.chunks[0]
-    atom_edges = _atom_aligned_bounds(pen, n_parts, apc)
-    plan = DecoderPlan(pen, pen.layout.offsets[atom_edges])
-    futs = [client.submit(_run_grams, part, t_src.meta(), t_src.task_payload(), rho, threads, S_array,
-                          pure=False) for part in plan.parts]
-    for done, _ in enumerate(as_completed(futs), 1):
-        if progress is not None:
-            progress("grams", done, len(futs))
-    client.gather(futs)
+    if is_zarr_array(x):
+        root = getattr(x.store, "root", None)
+        return {"kind": "zarr", "path": None if root is None else str(root), "array": x.path,
+                "shape": list(x.shape), "chunks": list(x.chunks), "dtype": str(x.dtype)}
+    if is_dask_array(x):
+        return {"kind": "dask", "name": x.name, "shape": list(x.shape)}
+    arr = np.ascontiguousarray(np.asarray(x))
+    return {"kind": "numpy", "shape": list(arr.shape), "dtype": str(arr.dtype),
+            "blake2b": hashlib.blake2b(arr.view(np.uint8).ravel(), digest_size=16).hexdigest()}
+
+
+def pairs_identity(pairs: PairTable) -> dict:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for arr in (pairs.j, pairs.k, pairs.w):
+        h.update(np.ascontiguousarray(arr).view(np.uint8).ravel())
+    return {"n_pairs": len(pairs), "k_atoms": pairs.k_atoms, "blake2b": h.hexdigest()}
+
+
+class _Tracker:
+    """Client side of a job: progress into the store as futures finish, failures recorded."""
+
+    def __init__(self, job, stage_label: str, total: int, progress=None, every: float = 0.5):
+        self.job, self.label, self.total, self.cb = job, stage_label, total, progress
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.every = every
+
+    def step(self, n: int = 1, **fields):
+        self.done += n
+        now = time.perf_counter()
+        if self.cb is not None:
+            self.cb(self.label, self.done, self.total)
+        if self.job is not None and (now - self.last >= self.every or self.done == self.total):
+            elapsed = now - self.t0
+            self.job.update_progress(phase=self.label, phase_done=self.done, phase_total=self.total,
+                                     units_done=len(self.job.done()), elapsed_s=elapsed,
+                                     units_per_s=self.done / elapsed if elapsed > 0 else None, **fields)
+            self.last = now
+
+    def gather(self, futures, on_result=None):
+        from distributed import as_completed
+
+        try:
+            for fut in as_completed(futures):
+                res = fut.result()
+                if on_result is not None:
+                    on_result(res)
+                self.step()
+        except Exception as exc:
+            for f in futures:
+                f.cancel()
+            if self.job is not None:
+                self.job.fail(f"{type(exc).__name__}: {exc}")
+                note = (f"; completed units are kept in {self.job.store.path}: re-run the same call "
+                        "to compute only the missing ones")
+                if hasattr(exc, "add_note"):
+                    exc.add_note(note)
+            raise
 
 
 def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, tile: int | None = None,
-                       format: str = "tiles", tiles_per_task: int | None = None, progress=None):
+                       format: str = "tiles", overwrite: bool = False, tiles_per_task: int | None = None,
+                       progress=None, _fail_tiles=()):
     """Assemble ``scale·H_GN`` out of core, as square tiles of an ``n × n`` Zarr array.
 
     Parameters
@@ -623,14 +728,17 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
     t : array of shape (n,) — numpy, dask or zarr
     rho : array of shape (penalty.rho_count,)
     out : str or zarr.Group
-        The group receiving ``H`` (``n × n``, chunks ``tile × tile``; only tiles with a
-        contribution are written) and ``S`` (``K × p × p``: each atom's diagonal block ``s·S_a``).
+        The run store receiving ``H`` (``n × n``, chunks ``tile × tile``; only tiles with a
+        contribution are written) and ``S`` (``K × p × p``: each atom's diagonal block ``s·S_a``),
+        with a manifest so an interrupted assembly resumes where it stopped.
     scale : float
     tile : int, optional
         Tile edge; the returned array's chunk shape is ``(tile, tile)``.
     format : {"tiles", "factored"}
         ``"factored"`` writes ``S``, the pairs and the decoder only, and returns a
-        :class:`FactoredMajorizer` whose ``matvec`` reproduces ``H_GN v``.
+        :class:`FactoredMajorizer` whose ``matvec`` reproduces ``scale·H_GN v``.
+    overwrite : bool
+        Replace a different job already in ``out`` (otherwise refused).
 
     Returns
     -------
@@ -639,57 +747,104 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
     Raises
     ------
     InvalidArgumentError, ShapeMismatchError
-        On a non-positive tile, a ``t`` of the wrong size, bad ρ or scale, an unknown format.
+        Before any work: a non-positive tile, a ``t`` of the wrong size, bad ρ or scale, an unknown format.
+    StoreConflictError
+        ``out`` holds a different job and ``overwrite`` is False.
     """
     import zarr
-    from distributed import as_completed
+
+    from .store import RunStore
 
     if format not in ("tiles", "factored"):
         raise InvalidArgumentError(f"format must be 'tiles' or 'factored', got {format!r}")
     scale = check_finite_scalar(scale, "scale")
-    rho = penalty._check_rho(rho) if isinstance(penalty, Penalty) else None
+    if tile is not None:
+        tile = check_positive_int(tile, "tile")
+    if out is None:
+        raise InvalidArgumentError("out is required: a directory (run store) to receive the tiles")
     if isinstance(penalty, NestedPrefixPenalty):
-        return _assemble_nested(penalty, t, rho, out, scale, tile, format)
+        return _assemble_nested(penalty, t, rho, out, scale, tile, format, overwrite)
     if not isinstance(penalty, DecoderIncoherencePenalty):
         raise InvalidArgumentError(
             f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
         )
     pen = penalty
+    rho = pen._check_rho(rho)
     n = pen.n_coef
-    if tile is not None:
-        tile = check_positive_int(tile, "tile")
     tile = default_tile(pen, n) if tile is None else min(tile, n)
-    if out is None:
-        raise InvalidArgumentError("out is required: a path or zarr.Group to receive the tiles")
     client = _client()
-    group = _open_out_group(out)
-    t_src, _ = as_vector_source(t, n, "t", client=client, spill_path=_spill_path(group, "t"))
-    threads = threads_per_task(client)
-    n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+    store = RunStore(out)
     p = pen.p_out
     apc = max(1, min(pen.k_atoms, (4 * 2**20) // (8 * p * p)))
-    S_array = group.create_array("S", shape=(pen.k_atoms, p, p), chunks=(apc, p, p), dtype="f8",
-                                 fill_value=0.0, overwrite=True)
-    compute_grams(client, pen, t_src, rho, S_array, threads, 4 * n_threads, progress)
-    if format == "factored":
-        return FactoredMajorizer.write(group, pen, t_src, rho, scale)
-    H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0,
-                           overwrite=True)
+    n_s_chunks = -(-pen.k_atoms // apc)
     n_tiles = -(-n // tile)
-    keys, pair_ptr, pair_ids, diag_ptr, diag_atoms = tile_work(pen, tile)
+    if format == "tiles":
+        keys, pair_ptr, pair_ids, diag_ptr, diag_atoms = tile_work(pen, tile)
+    else:
+        keys = np.zeros(0, dtype=np.int64)
+    units = [f"S.{c}" for c in range(n_s_chunks)] + [_tile_unit(k, n_tiles)[0] for k in keys]
+    spec = {"kind": "assemble_majorizer", "format": format, "penalty": pen.to_spec(),
+            "pairs": pairs_identity(pen.pairs), "t": input_identity(t, "t"),
+            "rho": [float(x) for x in rho], "scale": scale, "tile": tile, "n": n}
+    # validate t before any work (and before the store is touched)
+    t_src, _ = as_vector_source(t, n, "t", client=None)
+    job = store.begin_job("assembly", spec, units, overwrite=overwrite)
+    done = job.done()
+    group = zarr.open_group(store.path, mode="a")
+    fresh = not done
+    if fresh or "S" not in group:
+        S_array = group.create_array("S", shape=(pen.k_atoms, p, p), chunks=(apc, p, p), dtype="f8",
+                                     fill_value=0.0, overwrite=True)
+    else:
+        S_array = group["S"]
+    if t_src.kind == "numpy":
+        t_src, _ = as_vector_source(t, n, "t", client=client)
+    threads = threads_per_task(client)
+    n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+    t_start = time.perf_counter()
+
+    # stage 1: the diagonal blocks s·S_a, atom-aligned to S's chunks
+    atom_edges = _atom_aligned_bounds(pen, 4 * n_threads, apc)
+    pending_parts = [i for i, (a, b) in enumerate(zip(atom_edges[:-1], atom_edges[1:]))
+                     if any(f"S.{c}" not in done for c in range(a // apc, -(-b // apc)))]
+    if pending_parts:
+        plan = DecoderPlan(pen, pen.layout.offsets[atom_edges])
+        futs = [client.submit(_run_grams, plan.parts[i], t_src.meta(), t_src.task_payload(), rho, threads,
+                              S_array, job, pure=False) for i in pending_parts]
+        _Tracker(job, "grams", len(futs), progress).gather(futs)
+    if format == "factored":
+        fm = FactoredMajorizer.write(group, pen, t_src, rho, scale)
+        job.finish(seconds=time.perf_counter() - t_start)
+        return fm
+
+    # stage 2: tiles, each written by exactly one task; only the missing ones on a re-run
+    if fresh or "H" not in group:
+        H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0,
+                               overwrite=True)
+    else:
+        H = group["H"]
+    todo = [i for i in range(keys.shape[0]) if _tile_unit(keys[i], n_tiles)[0] not in done]
     tasks = [_make_tile_task(pen, keys[i], n_tiles, tile, pair_ids[pair_ptr[i]:pair_ptr[i + 1]],
-                             diag_atoms[diag_ptr[i]:diag_ptr[i + 1]]) for i in range(keys.shape[0])]
-    per = tiles_per_task or max(1, len(tasks) // (8 * n_threads) or 1)
+                             diag_atoms[diag_ptr[i]:diag_ptr[i + 1]]) for i in todo]
+    per = tiles_per_task or max(1, -(-len(tasks) // (8 * n_threads)))
     batches = [tasks[i:i + per] for i in range(0, len(tasks), per)]
-    futs = [client.submit(_run_tiles, b, t_src.meta(), t_src.task_payload(), rho, scale, S_array, H,
-                          threads, pure=False) for b in batches]
-    written = []
-    for done, fut in enumerate(as_completed(futs), 1):
-        written.extend(fut.result())
-        if progress is not None:
-            progress("tiles", done, len(futs))
-    H.attrs.update({"tiles_written": int(sum(1 for _, w, _ in written if w)),
-                    "tiles_total": int(n_tiles * n_tiles), "scale": scale})
+    fail = frozenset(int(k) for k in _fail_tiles)
+    futs = [client.submit(_run_tiles, b, n_tiles, t_src.meta(), t_src.task_payload(), rho, scale, S_array, H,
+                          threads, job, fail, pure=False) for b in batches]
+    stats = {"computed": 0, "written": 0, "bytes": 0}
+
+    def on_result(res):
+        stats["computed"] += len(res)
+        stats["written"] += sum(1 for _, w, _ in res if w)
+
+    tracker = _Tracker(job, "tiles", len(futs), progress)
+    tracker.gather(futs, on_result)
+    markers = job._markers()
+    written_total = sum(1 for u, m in markers.items() if u.startswith("H.") and m["info"].get("written"))
+    seconds = time.perf_counter() - t_start
+    H.attrs.update({"tiles_written": int(written_total), "tiles_total": int(n_tiles * n_tiles),
+                    "tiles_computed_this_run": stats["computed"], "scale": scale, "tile": tile})
+    job.finish(tiles_computed=stats["computed"], tiles_written=written_total, seconds=seconds)
     return H
 
 
@@ -780,32 +935,45 @@ def _child_path(group, name: str) -> str:
     return os.path.join(str(root), group.path, name)
 
 
-def _assemble_nested(pen, t, rho, out, scale, tile, format):
-    """The nested penalty's majorizer is diagonal: tiles on the diagonal only."""
+def _write_diag_tile(H, i0: int, diag: np.ndarray, job=None, unit=None, rel=None):
+    block = np.zeros((diag.shape[0], diag.shape[0]))
+    np.fill_diagonal(block, diag)
+    H[i0:i0 + diag.shape[0], i0:i0 + diag.shape[0]] = block
+    if job is not None:
+        job.mark_done(unit, outputs=[rel], info={"written": True, "norm": float(np.linalg.norm(diag))})
+    return i0
+
+
+def _assemble_nested(pen, t, rho, out, scale, tile, format, overwrite=False):
+    """The nested penalty's majorizer is diagonal (``hessian_diag``): only diagonal tiles are written."""
+    import zarr
+
+    from .store import RunStore
+
     if format != "tiles":
         raise InvalidArgumentError("the nested penalty's majorizer is diagonal; use format='tiles'")
-    import dask.array as da
-
+    rho = pen._check_rho(rho)
+    store = RunStore(out)
     res = evaluate(pen, t, rho, ops=("hessian_diag",))
     d = np.asarray(res["hessian_diag"]).ravel() * scale
     n = d.shape[0]
-    if tile is not None:
-        tile = check_positive_int(tile, "tile")
     tile = min(n, tile or 2048)
-    group = _open_out_group(out)
-    H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0, overwrite=True)
-    starts = np.arange(0, n, tile)
-
-    def write(i0):
-        i1 = min(n, i0 + tile)
-        block = np.zeros((i1 - i0, i1 - i0))
-        np.fill_diagonal(block, d[i0:i1])
-        H[i0:i1, i0:i1] = block
-        return 1
-
+    n_tiles = -(-n // tile)
+    units = [f"H.{i}.{i}" for i in range(n_tiles)]
+    spec = {"kind": "assemble_majorizer", "format": format, "penalty": pen.to_spec(),
+            "t": input_identity(t, "t"), "rho": [float(x) for x in rho], "scale": scale, "tile": tile, "n": n}
+    job = store.begin_job("assembly", spec, units, overwrite=overwrite)
+    done = job.done()
+    group = zarr.open_group(store.path, mode="a")
+    if not done or "H" not in group:
+        H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0,
+                               overwrite=True)
+    else:
+        H = group["H"]
     client = _client()
-    client.gather(client.map(write, starts.tolist(), pure=False))
-    H.attrs.update({"tiles_written": int(starts.shape[0]), "tiles_total": int(starts.shape[0] ** 2),
-                    "scale": scale})
-    del da
+    futs = [client.submit(_write_diag_tile, H, i * tile, d[i * tile:(i + 1) * tile], job, f"H.{i}.{i}",
+                          f"H/c/{i}/{i}", pure=False) for i in range(n_tiles) if f"H.{i}.{i}" not in done]
+    _Tracker(job, "tiles", len(futs)).gather(futs)
+    H.attrs.update({"tiles_written": n_tiles, "tiles_total": n_tiles * n_tiles, "scale": scale, "tile": tile})
+    job.finish(tiles_written=n_tiles)
     return H
