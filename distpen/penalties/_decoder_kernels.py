@@ -17,6 +17,142 @@ import numpy as np
 from numba import njit, prange
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")
+_INL = dict(inline="always", **_OPTS)
+_U = np.uint64
+
+
+# ---------------------------------------------------------------- register-blocked micro-kernels
+# Positions are converted to uint64 so that LLVM sees non-negative indices: signed indices make
+# numba emit a negative-index wraparound per load, which blocks vectorisation of the o-loops.
+# (Array slices would avoid that too, but each one costs an atomic refcount update on the shared
+# buffer, which two threads then fight over.)
+
+@njit(**_INL)
+def _d2x4(x, i0, i1, y, j0, j1, j2, j3, p):
+    """Dot products of two rows of ``x`` with four rows of ``y`` (rows start at the given positions)."""
+    i0 = _U(i0); i1 = _U(i1); j0 = _U(j0); j1 = _U(j1); j2 = _U(j2); j3 = _U(j3)
+    c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = 0.0
+    for o in range(_U(p)):
+        a0 = x[i0 + o]; a1 = x[i1 + o]
+        b0 = y[j0 + o]; b1 = y[j1 + o]; b2 = y[j2 + o]; b3 = y[j3 + o]
+        c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3
+        c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3
+    return c00, c01, c02, c03, c10, c11, c12, c13
+
+
+@njit(**_INL)
+def _d1x4(x, i0, y, j0, j1, j2, j3, p):
+    i0 = _U(i0); j0 = _U(j0); j1 = _U(j1); j2 = _U(j2); j3 = _U(j3)
+    c0 = c1 = c2 = c3 = 0.0
+    for o in range(_U(p)):
+        a = x[i0 + o]
+        c0 += a * y[j0 + o]; c1 += a * y[j1 + o]; c2 += a * y[j2 + o]; c3 += a * y[j3 + o]
+    return c0, c1, c2, c3
+
+
+@njit(**_INL)
+def _d1x1(x, i0, y, j0, p):
+    i0 = _U(i0); j0 = _U(j0)
+    c = 0.0
+    for o in range(_U(p)):
+        c += x[i0 + o] * y[j0 + o]
+    return c
+
+
+@njit(**_INL)
+def _cross(x, ox, mx, y, oy, my, p, w, C):
+    """``C[r, c] = w · x_r · y_c`` for the ``mx`` rows of ``x`` at ``ox`` and ``my`` rows of ``y`` at ``oy``."""
+    r = 0
+    while r + 2 <= mx:
+        s = ox + r * p
+        c = 0
+        while c + 4 <= my:
+            t = oy + c * p
+            v = _d2x4(x, s, s + p, y, t, t + p, t + 2 * p, t + 3 * p, p)
+            C[r, c] = w * v[0]; C[r, c + 1] = w * v[1]; C[r, c + 2] = w * v[2]; C[r, c + 3] = w * v[3]
+            C[r + 1, c] = w * v[4]; C[r + 1, c + 1] = w * v[5]; C[r + 1, c + 2] = w * v[6]
+            C[r + 1, c + 3] = w * v[7]
+            c += 4
+        r += 2
+    # rows left over by the 2-row tiles, then columns left over by the 4-column tiles
+    while r < mx:
+        s = ox + r * p
+        c = 0
+        while c + 4 <= my:
+            t = oy + c * p
+            v = _d1x4(x, s, y, t, t + p, t + 2 * p, t + 3 * p, p)
+            C[r, c] = w * v[0]; C[r, c + 1] = w * v[1]; C[r, c + 2] = w * v[2]; C[r, c + 3] = w * v[3]
+            c += 4
+        r += 1
+    c0 = my - my % 4
+    if c0 < my:
+        for c in range(c0, my):
+            t = oy + c * p
+            r = 0
+            while r + 4 <= mx:
+                s = ox + r * p
+                v = _d1x4(y, t, x, s, s + p, s + 2 * p, s + 3 * p, p)
+                C[r, c] = w * v[0]; C[r + 1, c] = w * v[1]; C[r + 2, c] = w * v[2]; C[r + 3, c] = w * v[3]
+                r += 4
+            while r < mx:
+                C[r, c] = w * _d1x1(x, ox + r * p, y, t, p)
+                r += 1
+
+
+@njit(**_INL)
+def _gemm_acc(out, oa, ma, C, y, oy, my, p):
+    """``out_r += Σ_c C[r, c] · y_c`` for the ``ma`` rows of ``out`` at ``oa`` and ``my`` rows of ``y`` at ``oy``."""
+    up = _U(p)
+    r = 0
+    while r + 2 <= ma:
+        s0 = _U(oa + r * p); s1 = s0 + up
+        c = 0
+        while c + 4 <= my:
+            t0 = _U(oy + c * p); t1 = t0 + up; t2 = t1 + up; t3 = t2 + up
+            a0 = C[r, c]; a1 = C[r, c + 1]; a2 = C[r, c + 2]; a3 = C[r, c + 3]
+            b0 = C[r + 1, c]; b1 = C[r + 1, c + 1]; b2 = C[r + 1, c + 2]; b3 = C[r + 1, c + 3]
+            for o in range(up):
+                u0 = y[t0 + o]; u1 = y[t1 + o]; u2 = y[t2 + o]; u3 = y[t3 + o]
+                out[s0 + o] += a0 * u0 + a1 * u1 + a2 * u2 + a3 * u3
+                out[s1 + o] += b0 * u0 + b1 * u1 + b2 * u2 + b3 * u3
+            c += 4
+        while c < my:
+            t0 = _U(oy + c * p)
+            a0 = C[r, c]; b0 = C[r + 1, c]
+            for o in range(up):
+                u0 = y[t0 + o]
+                out[s0 + o] += a0 * u0
+                out[s1 + o] += b0 * u0
+            c += 1
+        r += 2
+    while r < ma:
+        s0 = _U(oa + r * p)
+        c = 0
+        while c + 4 <= my:
+            t0 = _U(oy + c * p); t1 = t0 + up; t2 = t1 + up; t3 = t2 + up
+            a0 = C[r, c]; a1 = C[r, c + 1]; a2 = C[r, c + 2]; a3 = C[r, c + 3]
+            for o in range(up):
+                out[s0 + o] += a0 * y[t0 + o] + a1 * y[t1 + o] + a2 * y[t2 + o] + a3 * y[t3 + o]
+            c += 4
+        while c < my:
+            t0 = _U(oy + c * p)
+            a0 = C[r, c]
+            for o in range(up):
+                out[s0 + o] += a0 * y[t0 + o]
+            c += 1
+        r += 1
+
+
+_PAIR_CHUNK = 64
+_ATOM_CHUNK = 8
+
+
+@njit(**_OPTS)
+def _max_block(m):
+    mmax = 1
+    for a in range(m.shape[0]):
+        mmax = max(mmax, m[a])
+    return mmax
 
 
 @njit(parallel=True, **_OPTS)
@@ -24,21 +160,21 @@ def pair_sqnorms(beta, off, m, p, pj, pk):
     """``‖B_j B_kᵀ‖²_F`` for every pair."""
     n = pj.shape[0]
     out = np.empty(n)
-    for q in prange(n):
-        j = pj[q]
-        k = pk[q]
-        oj = off[j]
-        ok = off[k]
-        s = 0.0
-        for a in range(m[j]):
-            ra = oj + a * p
-            for b in range(m[k]):
-                rb = ok + b * p
-                c = 0.0
-                for o in range(p):
-                    c += beta[ra + o] * beta[rb + o]
-                s += c * c
-        out[q] = s
+    mmax = _max_block(m)
+    nch = (n + _PAIR_CHUNK - 1) // _PAIR_CHUNK
+    for ch in prange(nch):
+        C = np.empty((mmax, mmax))
+        for q in range(ch * _PAIR_CHUNK, min(n, ch * _PAIR_CHUNK + _PAIR_CHUNK)):
+            j = pj[q]
+            k = pk[q]
+            mj = m[j]
+            mk = m[k]
+            _cross(beta, off[j], mj, beta, off[k], mk, p, 1.0, C)
+            s = 0.0
+            for r in range(mj):
+                for c in range(mk):
+                    s += C[r, c] * C[r, c]
+            out[q] = s
     return out
 
 
@@ -46,32 +182,16 @@ def pair_sqnorms(beta, off, m, p, pj, pk):
 def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax):
     """``out_a += scale · Σ_b w_ab (B_a B_bᵀ) B_b`` for every source atom ``a``."""
     n_src = indptr.shape[0] - 1
-    for a in prange(n_src):
-        e0 = indptr[a]
-        e1 = indptr[a + 1]
-        if e0 == e1:
-            continue
-        ma = m[a]
-        oa = off[a]
+    nch = (n_src + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+    for ch in prange(nch):
         C = np.empty((mmax, mmax))
-        for e in range(e0, e1):
-            b = nbr[e]
-            w = wts[e] * scale
-            mb = m[b]
-            ob = off[b]
-            for r in range(ma):
-                for c in range(mb):
-                    acc = 0.0
-                    for o in range(p):
-                        acc += beta[oa + r * p + o] * beta[ob + c * p + o]
-                    C[r, c] = w * acc
-            for r in range(ma):
-                base = oa + r * p
-                for c in range(mb):
-                    coef = C[r, c]
-                    src = ob + c * p
-                    for o in range(p):
-                        out[base + o] += coef * beta[src + o]
+        for a in range(ch * _ATOM_CHUNK, min(n_src, ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+            ma = m[a]
+            oa = off[a]
+            for e in range(indptr[a], indptr[a + 1]):
+                b = nbr[e]
+                _cross(beta, oa, ma, beta, off[b], m[b], p, wts[e] * scale, C)
+                _gemm_acc(out, oa, ma, C, beta, off[b], m[b], p)
 
 
 @njit(parallel=True, **_OPTS)
@@ -82,43 +202,27 @@ def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, exact, out, mmax):
     ``out_a += W (dC B_b + [exact] C V_b)``.
     """
     n_src = indptr.shape[0] - 1
-    for a in prange(n_src):
-        e0 = indptr[a]
-        e1 = indptr[a + 1]
-        if e0 == e1:
-            continue
-        ma = m[a]
-        oa = off[a]
+    nch = (n_src + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+    for ch in prange(nch):
         C = np.empty((mmax, mmax))
-        dC = np.empty((mmax, mmax))
-        for e in range(e0, e1):
-            b = nbr[e]
-            w = wts[e] * scale
-            mb = m[b]
-            ob = off[b]
-            for r in range(ma):
-                ra = oa + r * p
-                for c in range(mb):
-                    rb = ob + c * p
-                    acc_c = 0.0
-                    acc_d = 0.0
-                    for o in range(p):
-                        acc_c += beta[ra + o] * beta[rb + o]
-                        acc_d += v[ra + o] * beta[rb + o] + beta[ra + o] * v[rb + o]
-                    C[r, c] = w * acc_c
-                    dC[r, c] = w * acc_d
-            for r in range(ma):
-                base = oa + r * p
-                for c in range(mb):
-                    src = ob + c * p
-                    cd = dC[r, c]
-                    if exact:
-                        cc = C[r, c]
-                        for o in range(p):
-                            out[base + o] += cd * beta[src + o] + cc * v[src + o]
-                    else:
-                        for o in range(p):
-                            out[base + o] += cd * beta[src + o]
+        D = np.empty((mmax, mmax))
+        for a in range(ch * _ATOM_CHUNK, min(n_src, ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+            ma = m[a]
+            oa = off[a]
+            for e in range(indptr[a], indptr[a + 1]):
+                b = nbr[e]
+                mb = m[b]
+                ob = off[b]
+                w = wts[e] * scale
+                _cross(v, oa, ma, beta, ob, mb, p, w, D)
+                _cross(beta, oa, ma, v, ob, mb, p, w, C)
+                for r in range(ma):
+                    for c in range(mb):
+                        D[r, c] += C[r, c]
+                _gemm_acc(out, oa, ma, D, beta, ob, mb, p)
+                if exact:
+                    _cross(beta, oa, ma, beta, ob, mb, p, w, C)
+                    _gemm_acc(out, oa, ma, C, v, ob, mb, p)
 
 
 @njit(parallel=True, **_OPTS)
@@ -130,8 +234,9 @@ def col_sqsums(beta, off, m, p, atoms):
         a = atoms[i]
         oa = off[a]
         for r in range(m[a]):
-            for o in range(p):
-                x = beta[oa + r * p + o]
+            row = _U(oa + r * p)
+            for o in range(_U(p)):
+                x = beta[row + o]
                 out[i, o] += x * x
     return out
 
@@ -145,10 +250,10 @@ def atom_grams(beta, off, m, p, atoms):
         a = atoms[i]
         oa = off[a]
         for r in range(m[a]):
-            row = oa + r * p
+            row = _U(oa + r * p)
             for o1 in range(p):
-                x = beta[row + o1]
-                for o2 in range(p):
+                x = beta[row + _U(o1)]
+                for o2 in range(_U(p)):
                     out[i, o1, o2] += x * beta[row + o2]
     return out
 
@@ -188,13 +293,19 @@ def gn_offdiag_into(beta, off, m, p, pj, pk, pw, scale, out, r0, c0):
                 rowx = ox + a * p
                 b_lo = (clo - oy) // p
                 b_hi = (chi - oy - 1) // p + 1
+                orow = row - r0
                 for b in range(b_lo, b_hi):
                     colbase = oy + b * p
                     f = w * beta[colbase + o1]
                     s = max(clo, colbase)
                     t = min(chi, colbase + p)
-                    for col in range(s, t):
-                        out[row - r0, col - c0] += f * beta[rowx + col - colbase]
+                    if s >= t:
+                        continue
+                    # unsigned positions: no negative-index wraparound, so the loop vectorises
+                    src = _U(rowx + s - colbase)
+                    dst = _U(s - c0)
+                    for u in range(_U(t - s)):
+                        out[orow, dst + u] += f * beta[src + u]
 
 
 @njit(parallel=True, **_OPTS)
@@ -213,10 +324,13 @@ def diag_blocks_into(S, atoms, off, m, p, scale, out, r0, c0):
             chi = min(c0 + nc, base + p)
             if lo >= hi or clo >= chi:
                 continue
+            dst = _U(clo - c0)
+            src = _U(clo - base)
             for row in range(lo, hi):
                 o1 = row - base
-                for col in range(clo, chi):
-                    out[row - r0, col - c0] += scale * S[i, o1, col - base]
+                orow = row - r0
+                for u in range(_U(chi - clo)):
+                    out[orow, dst + u] += scale * S[i, o1, src + u]
 
 
 @njit(parallel=True, **_OPTS)
@@ -231,10 +345,10 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms):
             w = wts[e]
             ob = off[b]
             for r in range(m[b]):
-                row = ob + r * p
+                row = _U(ob + r * p)
                 for o1 in range(p):
-                    x = w * beta[row + o1]
-                    for o2 in range(p):
+                    x = w * beta[row + _U(o1)]
+                    for o2 in range(_U(p)):
                         out[i, o1, o2] += x * beta[row + o2]
     return out
 

@@ -1,0 +1,104 @@
+"""Shared helpers of the benchmarks: best-of-N timing, machine peaks, tables.
+
+Every benchmark reports the *best* of ``repeat`` timed runs after ``warmup`` untimed ones (the
+first call of a numba kernel compiles or loads it from the cache; warming up keeps that out of
+the numbers). Best-of-N is the least noisy statistic on a shared machine: noise only adds time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Timing", "time_best", "gemm_peak", "memcpy_bandwidth", "print_table", "fmt_ms", "machine_line"]
+
+
+@dataclass
+class Timing:
+    """Seconds of the best and median of the timed runs."""
+
+    best: float
+    median: float
+    runs: int
+
+    @property
+    def ms(self) -> float:
+        return self.best * 1e3
+
+
+def time_best(fn, repeat: int = 5, warmup: int = 1, min_time: float = 0.0) -> Timing:
+    """Call ``fn()`` ``warmup`` times, then at least ``repeat`` times (and until ``min_time`` seconds
+    have passed); return the best and median wall time of the timed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(min(times), float(np.median(times)), len(times))
+
+
+def gemm_peak(n: int = 3000, repeat: int = 3) -> float:
+    """Float64 GEMM rate in GFLOP/s: ``A @ B`` of ``n × n`` matrices (``2n³`` flops), best of ``repeat``."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n))
+    b = rng.standard_normal((n, n))
+    c = np.empty((n, n))
+    t = time_best(lambda: np.matmul(a, b, out=c), repeat=repeat, warmup=1)
+    return 2.0 * n**3 / t.best / 1e9
+
+
+def memcpy_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
+    """Copy bandwidth in GB/s of *bytes read* (the bytes copied per second; as many are written),
+    by ``np.copyto`` between two preallocated, pre-touched float64 arrays of ``nbytes`` each."""
+    n = nbytes // 8
+    src = np.empty(n)
+    dst = np.empty(n)
+    src.fill(1.0)
+    dst.fill(0.0)
+    t = time_best(lambda: np.copyto(dst, src), repeat=repeat, warmup=1)
+    return n * 8 / t.best / 1e9
+
+
+def fmt_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "skipped"
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f} ms"
+    if ms >= 1:
+        return f"{ms:.2f} ms"
+    return f"{ms * 1e3:.1f} µs"
+
+
+def print_table(headers, rows, title: str | None = None) -> None:
+    """Print ``rows`` (lists of cells, converted with ``str``) as an aligned plain-text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if title:
+        print(f"\n{title}")
+    line = "  ".join(h.ljust(w) for h, w in zip(cells[0], widths))
+    print(line)
+    print("-" * len(line))
+    for r in cells[1:]:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+
+
+def machine_line() -> str:
+    """One line naming the machine and the thread settings the numbers were measured with."""
+    try:
+        import numba
+
+        nthreads = numba.get_num_threads()
+    except Exception:  # pragma: no cover - numba is a dependency
+        nthreads = "?"
+    try:
+        load = ", load average %.2f" % os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        load = ""
+    return f"{os.cpu_count()} CPUs, numba threads {nthreads}, numpy {np.__version__}{load}"
