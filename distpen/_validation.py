@@ -37,11 +37,12 @@ def check_float64_array(x, name: str, *, ndim: int | None = None) -> np.ndarray:
             )
     elif kind in "iub":
         if kind in "iu" and arr.size and arr.dtype.itemsize >= 8:
-            big = np.abs(arr.astype(np.float64)).max()
-            if big > _EXACT_INT_LIMIT:
+            hi, lo = int(arr.max()), int(arr.min())  # exact integer comparison, no float rounding
+            if hi > _EXACT_INT_LIMIT or lo < -_EXACT_INT_LIMIT:
+                big = hi if abs(hi) >= abs(lo) else lo
                 raise InvalidDtypeError(
-                    f"{name} holds integers up to {big:.3g}, beyond 2**53, which float64 cannot "
-                    "represent exactly; expected floats or integers below 2**53"
+                    f"{name} holds the integer {big}, beyond 2**53 in magnitude, which float64 cannot "
+                    "represent exactly; expected floats or integers within ±2**53"
                 )
     else:
         raise InvalidDtypeError(
@@ -65,7 +66,7 @@ def check_vector(x, name: str, *, length: int | None = None, finite: bool = True
     if finite and arr.size and not np.isfinite(arr).all():
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise InvalidArgumentError(
-            f"{name} must be finite, but {name}[{bad}] = {arr[bad]!r}"
+            f"{name} must be finite, but {name}[{bad}] = {float(arr[bad])}"
         )
     return arr
 

@@ -121,7 +121,7 @@ class DecoderLayout:
             raise InvalidArgumentError(
                 f"block_sizes must all be ≥ 1, but block_sizes[{bad}] = {sizes[bad]}"
             )
-        self.block_sizes = sizes
+        self.block_sizes = sizes.copy()  # never freeze or alias the caller's array
         self.block_sizes.setflags(write=False)
         row_offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
         np.cumsum(sizes, out=row_offsets[1:])

@@ -68,10 +68,10 @@ class PairTable:
             raise InvalidArgumentError(f"coactivation must be at least 2 × 2, got {C.shape}")
         if not np.isfinite(C).all():
             r, c = np.argwhere(~np.isfinite(C))[0]
-            raise InvalidArgumentError(f"coactivation must be finite, but C[{r}, {c}] = {C[r, c]!r}")
+            raise InvalidArgumentError(f"coactivation must be finite, but C[{r}, {c}] = {float(C[r, c])}")
         if (C < 0).any():
             r, c = np.argwhere(C < 0)[0]
-            raise InvalidArgumentError(f"coactivation must be ≥ 0, but C[{r}, {c}] = {C[r, c]!r}")
+            raise InvalidArgumentError(f"coactivation must be ≥ 0, but C[{r}, {c}] = {float(C[r, c])}")
         K = C.shape[0]
         jj, kk = np.triu_indices(K, 1)
         w = 0.5 * (C[jj, kk] + C[kk, jj])
@@ -304,7 +304,7 @@ def _validate_pairs(j, k, w, k_atoms: int):
         if bad.any():
             q = int(np.flatnonzero(bad)[0])
             raise PairTableError(
-                f"pair {q} = ({j[q]}, {k[q]}) has weight {w[q]!r}; weights must be finite and ≥ 0"
+                f"pair {q} = ({j[q]}, {k[q]}) has weight {float(w[q])}; weights must be finite and ≥ 0"
             )
     keep = w > 0
     if not keep.all():

@@ -44,8 +44,10 @@ def resolve_learnable_weight(base: float, rho: float) -> float:
     rho = check_finite_scalar(rho, "rho")
     if base == 0.0:
         return 0.0
-    log_w = min(max(math.log(abs(base)) + rho, -_LOG_CLAMP), _LOG_CLAMP)
-    return math.copysign(math.exp(log_w), base)
+    log_w = math.log(abs(base)) + rho
+    if -_LOG_CLAMP < log_w < _LOG_CLAMP and abs(rho) <= _LOG_CLAMP:
+        return base * math.exp(rho)  # exact at rho = 0; finite and non-zero inside the clamp
+    return math.copysign(math.exp(min(max(log_w, -_LOG_CLAMP), _LOG_CLAMP)), base)
 
 
 def check_iteration(it, name: str = "it") -> int:
@@ -79,7 +81,8 @@ class Geometric:
         object.__setattr__(self, "rate", rate)
 
     def raw_weight(self, w_start: float, w_end: float, it: int) -> float:
-        return w_end - (w_end - w_start) * self.rate**it
+        r = self.rate**it  # w_end − Δ·r, written so both ends are exact
+        return w_start * r + w_end * (1.0 - r)
 
     def to_spec(self) -> dict:
         return {"kind": "geometric", "rate": self.rate}
@@ -110,7 +113,8 @@ class ReciprocalIter:
     """Reciprocal approach to ``w_end``: ``w_end − Δ/(1 + it)``."""
 
     def raw_weight(self, w_start: float, w_end: float, it: int) -> float:
-        return w_end - (w_end - w_start) / (1.0 + it)
+        r = 1.0 / (1.0 + it)  # w_end − Δ/(1 + it), exact at it = 0
+        return w_start * r + w_end * (1.0 - r)
 
     def to_spec(self) -> dict:
         return {"kind": "reciprocal"}

@@ -537,7 +537,7 @@ def test_v_complex_refused():
 def test_int64_beyond_2_53_refused(dtype):
     t = np.ones(N_COEF, dtype=dtype)
     t[3] = 2**54
-    with pytest.raises(InvalidDtypeError, match=r"t holds integers up to 1\.8e\+16, beyond 2\*\*53"):
+    with pytest.raises(InvalidDtypeError, match=r"t holds the integer 18014398509481984, beyond 2\*\*53"):
         _dec().value(t)
 
 
@@ -587,8 +587,7 @@ def test_dense_out_wrong_shape(shape):
 @pytest.mark.parametrize("dtype", [np.float32, np.complex128, np.int64])
 def test_dense_out_wrong_dtype(dtype):
     out = np.zeros((N_COEF, N_COEF), dtype=dtype)
-    with pytest.raises(InvalidArgumentError,
-                       match=rf"out must be a writeable C-contiguous float64 array, got dtype {np.dtype(dtype)}"):
+    with pytest.raises(InvalidDtypeError, match=rf"out has dtype {np.dtype(dtype)}; expected float64"):
         _dec().accumulate_psd_majorizer_dense(T_DEC, None, 1.0, out)
     assert (out == 0).all()
 

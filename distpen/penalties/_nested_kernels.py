@@ -1,4 +1,10 @@
-"""Compiled kernels of the nested-prefix penalty: one fused pass over an ``n_rows × F`` target."""
+"""Compiled kernels of the nested-prefix penalty: one fused pass over an ``n_rows × F`` target.
+
+Each row is first computed with the fast form ``r = sqrt(t² + ε²)`` (vectorised); a row in which
+``t² + ε²`` left the safe range (overflow for ``|t| > 1e150``, underflow of ``ε²`` for tiny ``ε``)
+is recomputed with the overflow-free ``r = hypot(t, ε)``, so results are finite and exact for
+any finite input at no cost to ordinary data.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,16 @@ import numpy as np
 from numba import njit, prange
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")
+_SAFE = dict(cache=True, nogil=True, error_model="numpy")
 _ROW_BLOCK = 2048
+_HI = 1e300
+_LO = 1e-300
+
+
+@njit(**_SAFE)
+def _row_r_safe(t, r, eps, buf):
+    for i in range(t.shape[1]):
+        buf[i] = np.hypot(t[r, i], eps)
 
 
 @njit(parallel=True, **_OPTS)
@@ -19,10 +34,20 @@ def col_sums_r(t, eps):
     for blk in prange(nb):
         lo = blk * _ROW_BLOCK
         hi = min(n, lo + _ROW_BLOCK)
+        buf = np.empty(f)
         for r in range(lo, hi):
+            qmax = 0.0
+            qmin = np.inf
             for i in range(f):
                 x = t[r, i]
-                part[blk, i] += np.sqrt(x * x + e2)
+                q = x * x + e2
+                qmax = max(qmax, q)
+                qmin = min(qmin, q)
+                buf[i] = np.sqrt(q)
+            if qmax > _HI or qmin < _LO:
+                _row_r_safe(t, r, eps, buf)
+            for i in range(f):
+                part[blk, i] += buf[i]
     out = np.zeros(f)
     for blk in range(nb):
         for i in range(f):
@@ -36,9 +61,18 @@ def grad_into(t, W, eps, out):
     n, f = t.shape
     e2 = eps * eps
     for r in prange(n):
+        qmax = 0.0
+        qmin = np.inf
         for i in range(f):
             x = t[r, i]
-            out[r, i] = W[i] * x / np.sqrt(x * x + e2)
+            q = x * x + e2
+            qmax = max(qmax, q)
+            qmin = min(qmin, q)
+            out[r, i] = W[i] * x / np.sqrt(q)
+        if qmax > _HI or qmin < _LO:
+            for i in range(f):
+                x = t[r, i]
+                out[r, i] = W[i] * (x / np.hypot(x, eps))
 
 
 @njit(parallel=True, **_OPTS)
@@ -47,10 +81,19 @@ def hdiag_into(t, W, eps, out):
     n, f = t.shape
     e2 = eps * eps
     for r in prange(n):
+        qmax = 0.0
+        qmin = np.inf
         for i in range(f):
             x = t[r, i]
             q = x * x + e2
+            qmax = max(qmax, q)
+            qmin = min(qmin, q)
             out[r, i] = W[i] * e2 / (q * np.sqrt(q))
+        if qmax > _HI or qmin < _LO:
+            for i in range(f):
+                rr = np.hypot(t[r, i], eps)
+                s = eps / rr
+                out[r, i] = W[i] * (s * s) / rr
 
 
 @njit(parallel=True, **_OPTS)
@@ -59,7 +102,16 @@ def hvp_into(t, W, eps, v, out):
     n, f = t.shape
     e2 = eps * eps
     for r in prange(n):
+        qmax = 0.0
+        qmin = np.inf
         for i in range(f):
             x = t[r, i]
             q = x * x + e2
+            qmax = max(qmax, q)
+            qmin = min(qmin, q)
             out[r, i] = W[i] * e2 / (q * np.sqrt(q)) * v[r, i]
+        if qmax > _HI or qmin < _LO:
+            for i in range(f):
+                rr = np.hypot(t[r, i], eps)
+                s = eps / rr
+                out[r, i] = W[i] * (s * s) / rr * v[r, i]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._validation import check_finite_scalar
-from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..errors import InvalidArgumentError, InvalidDtypeError, ScheduleError, ShapeMismatchError
 from ..layout import DecoderLayout, PenaltyTier
 from ..pairs import PairTable
 from ..weights import ScalarWeightSchedule, resolve_learnable_weight
@@ -339,7 +339,9 @@ class DecoderIncoherencePenalty(Penalty):
             raise InvalidArgumentError(f"out must be a numpy array of shape ({n}, {n}), got {type(out).__name__}")
         if out.shape != (n, n):
             raise ShapeMismatchError(f"out has shape {out.shape}, expected ({n}, {n}) for len(t) = {n}")
-        if out.dtype != np.float64 or not out.flags.c_contiguous or not out.flags.writeable:
+        if out.dtype != np.float64:
+            raise InvalidDtypeError(f"out has dtype {out.dtype}; expected float64 (np.zeros((n, n)))")
+        if not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidArgumentError(
                 f"out must be a writeable C-contiguous float64 array, got dtype {out.dtype}, "
                 f"c_contiguous={out.flags.c_contiguous}, writeable={out.flags.writeable}"
@@ -349,7 +351,7 @@ class DecoderIncoherencePenalty(Penalty):
     def _check_schedule(self, schedule) -> None:
         super()._check_schedule(schedule)
         if schedule.lower <= 0:
-            raise InvalidArgumentError(
+            raise ScheduleError(
                 f"the decoder weight must stay > 0, but the schedule reaches {schedule.lower!r}; "
                 "use w_start, w_end > 0"
             )

@@ -74,9 +74,11 @@ class NestedPrefixPenalty(Penalty):
                                what="one weight per prefix")
         if (weights < 0).any():
             bad = int(np.flatnonzero(weights < 0)[0])
-            raise InvalidArgumentError(f"shell_weights must be ≥ 0, but shell_weights[{bad}] = {weights[bad]!r}")
-        self.prefix_sizes = prefixes
-        self.shell_weights = weights
+            raise InvalidArgumentError(f"shell_weights must be ≥ 0, but shell_weights[{bad}] = {float(weights[bad])}")
+        self.prefix_sizes = prefixes.copy()  # never alias the caller's arrays
+        self.shell_weights = weights.copy()
+        self.prefix_sizes.setflags(write=False)
+        self.shell_weights.setflags(write=False)
         self.eps = check_finite_scalar(eps, "eps", positive=True)
         self.tier = PenaltyTier.parse(tier)
         self.rho_count = int(prefixes.shape[0])
