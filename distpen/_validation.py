@@ -54,6 +54,12 @@ def check_float64_array(x, name: str, *, ndim: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
+def _first_nonfinite(arr: np.ndarray) -> int:
+    from ._fastcheck import first_nonfinite
+
+    return first_nonfinite(arr)
+
+
 def check_vector(x, name: str, *, length: int | None = None, finite: bool = True,
                  what: str | None = None) -> np.ndarray:
     """Validate a 1-D float64 vector of an optional exact ``length``."""
@@ -63,8 +69,8 @@ def check_vector(x, name: str, *, length: int | None = None, finite: bool = True
         raise ShapeMismatchError(
             f"{name} has length {arr.shape[0]}, expected {length}{hint}"
         )
-    if finite and arr.size and not np.isfinite(arr).all():
-        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+    bad = _first_nonfinite(arr) if finite and arr.size else -1
+    if bad >= 0:
         raise InvalidArgumentError(
             f"{name} must be finite, but {name}[{bad}] = {float(arr[bad])}"
         )

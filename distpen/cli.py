@@ -11,10 +11,16 @@ __all__ = ["main", "build_parser"]
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_penalty_demo
+    echo = (lambda *a, **k: None) if args.quiet else print
+    if args.penalties_only:
+        from .demo import run_penalty_demo
 
-    res = run_penalty_demo(k_atoms=args.atoms, p_out=args.p_out, n_pairs=args.pairs, seed=args.seed,
-                           echo=(lambda *a, **k: None) if args.quiet else print)
+        res = run_penalty_demo(k_atoms=args.atoms, p_out=args.p_out, n_pairs=args.pairs, seed=args.seed, echo=echo)
+        return 0 if res["ok"] else 1
+    from .demo import run_pipeline_demo
+
+    res = run_pipeline_demo(args.out, n_tokens=args.tokens, k_atoms=args.atoms, p_out=args.p_out,
+                            seed=args.seed, scheduler=args.scheduler, echo=echo, progress=not args.quiet)
     return 0 if res["ok"] else 1
 
 
@@ -23,19 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on synthetic data (embedded default)")
-    demo.add_argument("--atoms", type=int, default=512, help="number of SAE atoms K")
+    demo.add_argument("--out", default="distpen-run", help="run directory (replaced if it holds an earlier demo)")
+    demo.add_argument("--tokens", type=int, default=1_000_000, help="synthetic tokens N")
+    demo.add_argument("--atoms", type=int, default=4096, help="number of SAE atoms K")
     demo.add_argument("--p-out", type=int, default=64, help="decoder output width")
-    demo.add_argument("--pairs", type=int, default=8_000, help="number of co-activating pairs")
+    demo.add_argument("--pairs", type=int, default=8_000, help="pairs of the in-memory demo (--penalties-only)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scheduler", help="Dask scheduler address (default: embedded LocalCluster)")
+    demo.add_argument("--penalties-only", action="store_true",
+                      help="only the in-memory penalty demo (every operation, finite-difference checks)")
     demo.add_argument("--quiet", action="store_true", help="print nothing; exit status only")
     demo.set_defaults(func=_cmd_demo)
 
-    try:
-        from . import _cli_stats
-    except ImportError:  # pragma: no cover - optional while modules are being added
-        pass
-    else:
-        _cli_stats.register(sub)
+    from . import _cli_penalty, _cli_stats
+
+    _cli_stats.register(sub)
+    _cli_penalty.register(sub)
     return parser
 
 

@@ -124,3 +124,166 @@ def _summary(out) -> str:
         return f"{out:.6g}"
     out = np.asarray(out)
     return f"shape {out.shape}, ‖·‖ = {np.linalg.norm(out):.6g}"
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+_DEMO_ATTR = "distpen_demo"
+
+
+def _prepare_run_dir(out: str) -> str:
+    import json
+    import os
+    import shutil
+
+    from .errors import StoreConflictError
+
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        try:
+            with open(os.path.join(out, "zarr.json")) as f:
+                earlier_demo = bool(json.load(f).get("attributes", {}).get(_DEMO_ATTR))
+        except (OSError, ValueError):
+            earlier_demo = False
+        if earlier_demo:
+            shutil.rmtree(out)  # a previous demo run: replace it
+        elif os.listdir(out):
+            raise StoreConflictError(
+                f"--out {out!r} exists and is not a distpen demo run; choose another directory"
+            )
+    import zarr
+
+    root = zarr.open_group(out, mode="w")  # one run store: every stage writes into this group
+    root.attrs[_DEMO_ATTR] = True
+    return out
+
+
+def _dense_from_topk(idx_block, val_block, k_atoms):
+    out = np.zeros((idx_block.shape[0], k_atoms))
+    rows = np.repeat(np.arange(idx_block.shape[0]), idx_block.shape[1])
+    cols = idx_block.ravel().astype(np.int64)
+    vals = val_block.ravel().astype(np.float64)
+    ok = cols >= 0
+    out[rows[ok], cols[ok]] = vals[ok]
+    return out
+
+
+def run_pipeline_demo(out: str = "distpen-run", *, n_tokens: int = 1_000_000, k_atoms: int = 4096,
+                      topk: int = 32, p_out: int = 64, top_m: int = 8, tile_atoms: int = 128,
+                      latent_rows: int = 8192, seed: int = 0, scheduler: str | None = None,
+                      echo=print, progress: bool = True) -> dict:
+    """The whole pipeline on the embedded default (or ``scheduler``), into one run directory.
+
+    synthetic top-k gates → co-activation statistics → pairs → decoder penalty on a random decoder →
+    every operation of both penalties → Gauss-Newton tiles (and the factored form) → a Newton step.
+    Returns a dict of timings and locations; prints a summary.
+    """
+    import json
+    import os
+
+    import dask.array as da
+
+    from .assembly import assemble_majorizer, evaluate
+    from .cluster import connect
+    from .coactivation import coactivation_stats
+    from .gates import synth_gates
+    from .newton import newton_step, save_newton_result
+    from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty
+
+    run = _prepare_run_dir(out)
+    client = connect(scheduler)
+    workers = client.scheduler_info()["workers"]
+    rng = np.random.default_rng(seed)
+    rows, info = [], {"run": run, "dashboard": client.dashboard_link}
+
+    def stage(name, fn, size, where, unit=None):
+        t0 = time.perf_counter()
+        res = fn()
+        dt = time.perf_counter() - t0
+        rate = f"{size / dt:,.0f} {unit}/s" if unit else ""
+        rows.append((name, dt, rate, where))
+        info[name] = dt
+        if progress:
+            echo(f"  {name:<26} {dt:7.2f} s  {rate}")
+        return res
+
+    echo(f"distpen demo: {len(workers)} workers on {client.scheduler.address}; run directory {run}")
+    echo(f"  dashboard: {client.dashboard_link}")
+    gates = stage("synthetic gates", lambda: synth_gates(os.path.join(run, "gates"), n_tokens, k_atoms,
+                                                          topk=topk, seed=seed, overwrite=True),
+                  n_tokens, f"{run}/gates", "tokens")
+    stats = stage("co-activation statistics", lambda: coactivation_stats(gates, run), n_tokens, run, "tokens")
+    pairs = stage("pairs (mean, top-m)", lambda: stats.pairs(top_m=top_m, measure="mean",
+                                                            out=os.path.join(run, "pairs")),
+                  k_atoms, f"{run}/pairs", "atoms")
+    block_sizes = rng.integers(1, 5, size=k_atoms)
+    pen = DecoderIncoherencePenalty.from_pairs(pairs, block_sizes, p_out, weight=1e3, learnable_weight=True)
+    beta = rng.standard_normal(pen.n_coef) / np.sqrt(p_out)
+    v = rng.standard_normal(pen.n_coef)
+    rho = np.array([0.0])
+    import zarr
+
+    root = zarr.open_group(run, mode="a")
+    root.create_array("decoder", data=beta, chunks=(min(beta.shape[0], 1 << 20),), overwrite=True)
+    with open(os.path.join(run, "penalty.json"), "w") as f:
+        json.dump(pen.to_spec(), f)
+
+    ops = ("value", "grad", "grad_rho", "hvp", "psd_majorizer_hvp", "psd_majorizer_diag", "hessian_diag")
+    ev = stage("decoder: every operation", lambda: evaluate(pen, root["decoder"], rho, ops=ops, v=v, out=run),
+               len(pairs), run, "pairs")
+    local = pen.value(beta, rho)
+    if not abs(ev["value"] - local) <= 1e-10 * abs(local):
+        raise RuntimeError(f"distributed value {ev['value']!r} differs from the in-memory {local!r}")
+
+    # the nested penalty on the first latent_rows tokens' gates, read from Zarr as a dense n × K code
+    idx = da.from_zarr(gates.indices)[:latent_rows]
+    val = da.from_zarr(gates.values)[:latent_rows]
+    code = da.map_blocks(_dense_from_topk, idx, val, k_atoms, dtype=np.float64,
+                         chunks=(idx.chunks[0], (k_atoms,)))
+    prefixes = [k_atoms // 16, k_atoms // 4, k_atoms]
+    nested = NestedPrefixPenalty(prefixes, [1.0, 0.5, 0.25], eps=1e-3, latent_dim=k_atoms)
+    nrho = np.zeros(3)
+    nv = da.ones_like(code)
+    nev = stage("nested: every operation", lambda: evaluate(nested, code, nrho, ops=ops, v=nv,
+                                                            out=os.path.join(run, "nested")),
+                latent_rows * k_atoms, f"{run}/nested", "entries")
+
+    # Gauss-Newton curvature: tiles for the most connected atoms' sub-problem, factored for all
+    deg = pairs.degree()
+    hub = np.sort(np.argsort(-deg, kind="stable")[:tile_atoms])
+    keep = np.isin(pairs.j, hub) & np.isin(pairs.k, hub)
+    from .pairs import PairTable
+
+    sub = PairTable(np.searchsorted(hub, pairs.j[keep]), np.searchsorted(hub, pairs.k[keep]), pairs.w[keep],
+                    hub.shape[0])
+    sub_pen = pen.with_pairs(sub, pen.layout.subset(hub))
+    sub_beta = pen.layout.gather(beta, hub)
+    H = stage("Gauss-Newton tiles", lambda: assemble_majorizer(sub_pen, sub_beta, rho, run, tile=2048),
+              sub_pen.n_coef, f"{run}/H", "rows")
+    stage("Gauss-Newton factored", lambda: assemble_majorizer(pen, beta, rho, os.path.join(run, "factored"),
+                                                              format="factored"),
+          k_atoms, f"{run}/factored", "atoms")
+
+    rhs = -np.asarray(ev["grad"][...])
+    damping = 0.1 * float(np.mean(np.asarray(ev["psd_majorizer_diag"][...]))) + 1e-12
+    res = stage("Newton step (block PCG)", lambda: newton_step(pen, beta, rho, rhs, damping=damping,
+                                                               tol=1e-6, maxiter=300, precond="block"),
+                pen.n_coef, f"{run}/newton_x", "coef")
+    save_newton_result(run, res)
+
+    n_h = sub_pen.n_coef
+    echo("")
+    echo(f"sizes: {n_tokens:,} tokens × {k_atoms:,} atoms (top-{topk}); {len(pairs):,} pairs; "
+         f"β = {pen.n_coef:,} coefficients (p_out = {p_out}, blocks 1–4 rows)")
+    echo(f"       nested code {latent_rows:,} × {k_atoms:,}; curvature tiles for {tile_atoms} hub atoms: "
+         f"H is {n_h:,} × {n_h:,} ({n_h * n_h * 8 / 2**30:.1f} GiB logical), "
+         f"{H.attrs['tiles_written']} of {H.attrs['tiles_total']} tiles written")
+    echo(f"values: decoder P = {ev['value']:.6g} (in-memory {local:.6g}); nested P = {nev['value']:.6g}; "
+         f"Newton: {res.iterations} iterations, residual {res.residuals[-1]:.1e}, converged={res.converged}")
+    echo("")
+    echo(f"{'stage':<28} {'time':>9}  {'throughput':<22} where")
+    for name, dt, rate, where in rows:
+        echo(f"{name:<28} {dt:8.2f}s  {rate:<22} {where}")
+    echo("")
+    echo(f"dashboard: {client.dashboard_link}   status: distpen status {run}")
+    info.update(ok=bool(res.converged), value=ev["value"], newton_iterations=res.iterations)
+    return info

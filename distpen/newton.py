@@ -18,6 +18,8 @@ from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty
 __all__ = ["NewtonResult", "newton_step", "PRECONDITIONERS"]
 
 PRECONDITIONERS = ("none", "jacobi", "block")
+#: preconditioners up to this size are gathered to the client and applied there
+CLIENT_PRECOND_BYTES = 1 << 30
 
 
 @dataclass
@@ -78,6 +80,10 @@ def _apply_precond(loaded: _Loaded, r_owned: np.ndarray):
     else:
         z = loaded.precond * r_owned
     return part.index, z
+
+
+def _get_precond(loaded: _Loaded):
+    return loaded.part.index, loaded.precond
 
 
 def _local_index(part: _Part) -> np.ndarray:
@@ -153,9 +159,23 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
             out[bounds[idx]:bounds[idx + 1]] = val
         return out
 
+    # the preconditioner is applied on the client when it is small enough (one round trip per
+    # iteration instead of two); otherwise by the parts that hold it
+    local_pre = None
+    if precond != "none":
+        p = pen.p_out
+        size = n * 8 if precond == "jacobi" else pen.k_atoms * p * p * 8
+        if size <= CLIENT_PRECOND_BYTES:
+            got = dict(client.gather([client.submit(_get_precond, L, pure=False) for L in loaded]))
+            local_pre = np.concatenate([got[i].reshape(-1) for i in range(len(loaded))])
+            if precond == "block":
+                local_pre = local_pre.reshape(pen.k_atoms, p, p)
+
     def apply_m(r):
         if precond == "none":
             return r.copy()
+        if local_pre is not None:
+            return pen.layout.block_matmul(r, local_pre) if precond == "block" else local_pre * r
         futs = [client.submit(_apply_precond, L, r[bounds[i]:bounds[i + 1]], pure=False)
                 for i, L in enumerate(loaded)]
         out = np.empty(n)
@@ -212,3 +232,23 @@ def _newton_nested(pen, t, rho, rhs, damping, precond, t0) -> NewtonResult:
     bnorm = float(np.linalg.norm(b))
     rel = float(np.linalg.norm((d + damping) * x - b)) / bnorm if bnorm else 0.0
     return NewtonResult(x, [1.0, rel], 1, True, precond, time.perf_counter() - t0)
+
+
+def save_newton_result(out, result: NewtonResult, *, spec: dict | None = None) -> None:
+    """Write ``result`` into the run store ``out``: ``newton_x`` (Zarr) and the stage ``newton``
+    (manifest with the residual history in its progress), so dashboards can plot it."""
+    import zarr
+
+    from .store import RunStore
+
+    store = RunStore(out)
+    job = store.begin_job("newton", spec or {"kind": "newton_step", "n": int(result.x.shape[0])}, ["x"],
+                          overwrite=True)
+    group = zarr.open_group(store.path, mode="a")
+    n = result.x.shape[0]
+    x = group.create_array("newton_x", shape=(n,), chunks=(min(n, 1 << 20),), dtype="f8", fill_value=0.0,
+                           overwrite=True)
+    x[:] = result.x
+    job.mark_done("x")
+    job.finish(residuals=[float(r) for r in result.residuals], iterations=int(result.iterations),
+               converged=bool(result.converged), precond=result.precond, seconds=float(result.seconds))
