@@ -125,13 +125,10 @@ class DecoderPlan:
     def __init__(self, pen: DecoderIncoherencePenalty, bounds: np.ndarray):
         self.pen = pen
         self.bounds = np.asarray(bounds, dtype=np.int64)
-        lay = pen.layout
-        pairs = pen.pairs
-        self._perm_k = np.argsort(pairs.k, kind="stable")
-        self._k_sorted = pairs.k[self._perm_k]
+        self._perm_k = np.argsort(pen.pairs.k, kind="stable")
+        self._k_sorted = pen.pairs.k[self._perm_k]
         self.parts = [self._make_part(i, int(c0), int(c1))
                       for i, (c0, c1) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))]
-        del lay
 
     @classmethod
     def balanced(cls, pen, n_parts: int, chunk: int | None = None) -> "DecoderPlan":
@@ -260,13 +257,13 @@ def evaluate(penalty: Penalty, t, rho, *, ops=("value", "grad"), v=None, out=Non
     if isinstance(penalty, DecoderIncoherencePenalty):
         return _evaluate_decoder(penalty, t, rho, ops, v, out, n_tasks, chunk, split_every, progress, overwrite)
     if isinstance(penalty, NestedPrefixPenalty):
-        return _evaluate_nested(penalty, t, rho, ops, v, out, row_chunk, split_every)
+        return _evaluate_nested(penalty, t, rho, ops, v, out, row_chunk, split_every, overwrite)
     raise InvalidArgumentError(
         f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
     )
 
 
-def _open_out_group(out, overwrite: bool = True):
+def _open_out_group(out):
     import zarr
 
     if out is None:
@@ -434,9 +431,12 @@ def _nested_as_dask(x, pen, name, row_chunk):
     return arr
 
 
-def _evaluate_nested(pen, t, rho, ops, v, out, row_chunk, split_every):
+def _evaluate_nested(pen, t, rho, ops, v, out, row_chunk, split_every, overwrite=False):
     import dask
     import dask.array as da
+    import zarr
+
+    from .store import RunStore
 
     rho = pen._check_rho(rho)
     if row_chunk is not None:
@@ -450,7 +450,14 @@ def _evaluate_nested(pen, t, rho, ops, v, out, row_chunk, split_every):
             raise ShapeMismatchError(f"v has shape {V.shape}, expected {T.shape} like t")
         V = V.rechunk(T.chunks)
     _client()
-    group = _open_out_group(out)
+    group = job = None
+    if out is not None:
+        spec = {"kind": "evaluate", "ops": list(ops), "penalty": pen.to_spec(), "t": input_identity(t, "t"),
+                "v": None if V is None else input_identity(v, "v"), "rho": [float(x) for x in rho],
+                "row_chunk": int(T.chunks[0][0])}
+        store = RunStore(out)
+        job = store.begin_job("evaluate", spec, ["all"], overwrite=overwrite)
+        group = zarr.open_group(store.path, mode="a")
     nb = T.numblocks[0]
     lazy = {}
     if "value" in ops:
@@ -477,7 +484,13 @@ def _evaluate_nested(pen, t, rho, ops, v, out, row_chunk, split_every):
                                    dtype="f8", fill_value=0.0, overwrite=True)
             stores.append(arr.store(z, lock=False, compute=False))
             res[name] = z
-        computed = dask.compute(lazy, *stores)[0]
+        try:
+            computed = dask.compute(lazy, *stores)[0]
+        except Exception as exc:
+            job.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        job.mark_done("all", info={"value": float(computed["value"]) if "value" in computed else None})
+        job.finish(value=float(computed["value"]) if "value" in computed else None)
     else:
         computed, vec_np = dask.compute(lazy, vec)
         for name, arr in vec_np.items():
