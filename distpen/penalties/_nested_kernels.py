@@ -19,14 +19,24 @@ _LO = 1e-300
 
 
 @njit(**_SAFE)
-def _row_r_safe(t, r, eps, buf):
+def _row_is_unsafe(t, r, e2):
+    qmax = 0.0
+    qmin = np.inf
     for i in range(t.shape[1]):
-        buf[i] = np.hypot(t[r, i], eps)
+        x = t[r, i]
+        q = x * x + e2
+        qmax = max(qmax, q)
+        qmin = min(qmin, q)
+    return qmax > _HI or qmin < _LO
 
 
 @njit(parallel=True, **_OPTS)
 def col_sums_r(t, eps):
-    """``Σ_n sqrt(t[n, i]² + ε²)`` for every column ``i`` (fixed-order partial sums: deterministic)."""
+    """``Σ_n sqrt(t[n, i]² + ε²)`` for every column ``i`` (fixed-order partial sums: deterministic).
+
+    Each block of rows is summed in one fast pass; a block in which some ``t² + ε²`` left the safe
+    range is summed again row by row, with ``hypot`` for the unsafe rows.
+    """
     n, f = t.shape
     nb = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
     part = np.zeros((nb, f))
@@ -34,20 +44,27 @@ def col_sums_r(t, eps):
     for blk in prange(nb):
         lo = blk * _ROW_BLOCK
         hi = min(n, lo + _ROW_BLOCK)
-        buf = np.empty(f)
+        acc = np.zeros(f)
+        qmax = 0.0
+        qmin = np.inf
         for r in range(lo, hi):
-            qmax = 0.0
-            qmin = np.inf
             for i in range(f):
                 x = t[r, i]
                 q = x * x + e2
                 qmax = max(qmax, q)
                 qmin = min(qmin, q)
-                buf[i] = np.sqrt(q)
-            if qmax > _HI or qmin < _LO:
-                _row_r_safe(t, r, eps, buf)
-            for i in range(f):
-                part[blk, i] += buf[i]
+                acc[i] += np.sqrt(q)
+        if qmax > _HI or qmin < _LO:
+            acc[:] = 0.0
+            for r in range(lo, hi):
+                if _row_is_unsafe(t, r, e2):
+                    for i in range(f):
+                        acc[i] += np.hypot(t[r, i], eps)
+                else:
+                    for i in range(f):
+                        x = t[r, i]
+                        acc[i] += np.sqrt(x * x + e2)
+        part[blk, :] = acc
     out = np.zeros(f)
     for blk in range(nb):
         for i in range(f):
