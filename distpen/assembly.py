@@ -818,6 +818,13 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
 
     # stage 1: the diagonal blocks s·S_a, atom-aligned to S's chunks
     atom_edges = _atom_aligned_bounds(pen, 4 * n_threads, apc)
+    # S chunks whose atoms have no partner stay at the fill value 0: nothing to compute or write
+    active = np.concatenate([[0], np.cumsum(pen.pairs.degree() > 0)])
+    for c in range(n_s_chunks):
+        a, b = c * apc, min(pen.k_atoms, (c + 1) * apc)
+        if active[b] == active[a] and f"S.{c}" not in done:
+            job.mark_done(f"S.{c}", outputs=[], info={"empty": True})
+    done = job.done()
     pending_parts = [i for i, (a, b) in enumerate(zip(atom_edges[:-1], atom_edges[1:]))
                      if any(f"S.{c}" not in done for c in range(a // apc, -(-b // apc)))]
     if pending_parts:
