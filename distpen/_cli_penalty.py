@@ -136,10 +136,8 @@ def run_assemble(args) -> int:
 
 
 def run_newton(args) -> int:
-    import zarr
-
     from .assembly import evaluate
-    from .newton import newton_step, save_newton_result
+    from .newton import newton_recorder, newton_step, save_newton_result
 
     pen = load_penalty(args.penalty, args.pairs)
     t = open_vector(args.t, "--t")
@@ -151,9 +149,16 @@ def run_newton(args) -> int:
     else:
         rhs = -np.asarray(evaluate(pen, t_np, rho, ops=("grad",))["grad"])
     bar = _bar("newton", args.quiet)
+    record = newton_recorder(args.out, t_np.shape[0]) if args.out is not None else None
+
+    def callback(it, r):
+        bar.update(it, args.maxiter, residual=f"{r:.2e}")
+        if record is not None:
+            record(it, r)
+
     try:
         res = newton_step(pen, t_np, rho, rhs, damping=args.damping, tol=args.tol, maxiter=args.maxiter,
-                          precond=args.precond, callback=lambda it, r: bar.update(it, args.maxiter, residual=f"{r:.2e}"))
+                          precond=args.precond, callback=callback)
     finally:
         bar.close()
     if args.out is not None:
@@ -162,7 +167,6 @@ def run_newton(args) -> int:
         where = f"; x in {os.path.join(args.out, 'newton_x')}" if args.out else ""
         print(f"newton ({args.precond}): {res.iterations} iterations, converged={res.converged}, "
               f"relative residual {res.residuals[-1]:.2e}, {res.seconds:.2f} s{where}")
-    del zarr
     return 0 if res.converged else 1
 
 

@@ -234,6 +234,25 @@ def _newton_nested(pen, t, rho, rhs, damping, precond, t0) -> NewtonResult:
     return NewtonResult(x, [1.0, rel], 1, True, precond, time.perf_counter() - t0)
 
 
+def newton_recorder(out, n: int, *, every: float = 0.5):
+    """A ``callback`` for :func:`newton_step` that records the residual history in the run store
+    ``out`` while the solve runs (stage ``newton``), so a dashboard can plot it live."""
+    from .store import RunStore
+
+    job = RunStore(out).begin_job("newton", {"kind": "newton_step", "n": int(n)}, ["x"], overwrite=True)
+    history = [1.0]
+    last = [0.0]
+
+    def callback(it: int, rel: float) -> None:
+        history.append(float(rel))
+        now = time.perf_counter()
+        if now - last[0] >= every:
+            job.update_progress(phase="pcg", iterations=int(it), residuals=list(history))
+            last[0] = now
+
+    return callback
+
+
 def save_newton_result(out, result: NewtonResult, *, spec: dict | None = None) -> None:
     """Write ``result`` into the run store ``out``: ``newton_x`` (Zarr) and the stage ``newton``
     (manifest with the residual history in its progress), so dashboards can plot it."""
