@@ -58,20 +58,42 @@ class VectorSource:
         return self.payload if self.kind == "numpy" else None
 
     def read_ranges(self, starts, lengths, payload=None) -> np.ndarray:
-        """Entries ``[starts[i], starts[i] + lengths[i])`` concatenated, as float64."""
+        """Entries ``[starts[i], starts[i] + lengths[i])`` (sorted, disjoint) concatenated, as float64.
+
+        Adjacent ranges are merged into runs and read as slices; a Zarr array is read once over
+        the covering span when the runs fill most of it, so a task never builds a per-entry index
+        for what is one contiguous read.
+        """
         data = self.payload if payload is None else payload
-        idx = _ranges(starts, lengths)
+        starts = np.asarray(starts, dtype=np.int64)
+        ends = starts + np.asarray(lengths, dtype=np.int64)
+        if starts.shape[0] == 0:
+            return np.zeros(0)
+        brk = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+        rs = starts[np.concatenate([[0], brk])]
+        re_ = ends[np.concatenate([brk - 1, [starts.shape[0] - 1]])]
+        total = int((re_ - rs).sum())
+        if data.ndim == 2:  # an n_rows × F Zarr array read as a flat vector
+            idx = _ranges(rs, re_ - rs)
+            F = data.shape[1]
+            rows = np.unique(idx // F)
+            block = np.asarray(data.oindex[rows, :], dtype=np.float64)
+            pos = np.searchsorted(rows, idx // F)
+            return np.ascontiguousarray(block[pos, idx % F])
+        lo, hi = int(rs[0]), int(re_[-1])
+        if self.kind == "numpy" and rs.shape[0] <= 4096:
+            return np.concatenate([np.asarray(data[a:b], dtype=np.float64) for a, b in zip(rs, re_)])
         if self.kind == "numpy":
-            return np.ascontiguousarray(data[idx], dtype=np.float64)
-        flat = data if data.ndim == 1 else None
-        if flat is not None:
-            return np.ascontiguousarray(flat.oindex[idx], dtype=np.float64)
-        # an n_rows × F Zarr array read as a flat vector: read the covered rows once
-        F = data.shape[1]
-        rows = np.unique(idx // F)
-        block = np.asarray(data.oindex[rows, :], dtype=np.float64)
-        pos = np.searchsorted(rows, idx // F)
-        return np.ascontiguousarray(block[pos, idx % F])
+            return np.ascontiguousarray(data[_ranges(rs, re_ - rs)], dtype=np.float64)
+        if hi - lo <= 2 * total + 2**20:  # one read of the covering span, then slices of it
+            span = np.asarray(data[lo:hi], dtype=np.float64)
+            if rs.shape[0] == 1:
+                return span
+            return np.concatenate([span[a - lo:b - lo] for a, b in zip(rs, re_)]) if rs.shape[0] <= 4096 \
+                else np.ascontiguousarray(span[_ranges(rs - lo, re_ - rs)])
+        if rs.shape[0] <= 64:
+            return np.concatenate([np.asarray(data[int(a):int(b)], dtype=np.float64) for a, b in zip(rs, re_)])
+        return np.ascontiguousarray(data.oindex[_ranges(rs, re_ - rs)], dtype=np.float64)
 
     def read_all(self) -> np.ndarray:
         if self.kind == "numpy":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,6 +37,8 @@ VECTOR_OPS = ("grad", "hvp", "psd_majorizer_hvp", "psd_majorizer_diag", "hessian
 PROBE_OPS = ("hvp", "psd_majorizer_hvp")
 #: results up to this many bytes come back as numpy when no ``out`` is given
 NUMPY_RESULT_LIMIT = 2 * 2**30
+#: pair tables up to this size are scattered whole to the workers (with a numpy ``t``)
+SHARED_PAIRS_LIMIT = 2**30
 
 
 def _client():
@@ -96,12 +99,31 @@ def chunk_aligned_bounds(pen: DecoderIncoherencePenalty, chunk: int, n_parts: in
     return np.minimum(chunk_edges.astype(np.int64) * chunk, n)
 
 
-@dataclass
-class _Part:
-    """One task's share of a decoder problem (built on the client, shipped to a worker)."""
+class _Range(NamedTuple):
+    """One part of an owner-computes split, in global numbering."""
 
     index: int
-    c0: int                      # global coefficient range this part writes
+    lo: int      # owned atoms [lo, hi): their rows of every vector result
+    hi: int
+    vlo: int     # value atoms [vlo, vhi): the pairs whose j lies here count towards the value
+    vhi: int
+    c0: int      # the coefficient range [c0, c1) this part writes
+    c1: int
+
+    @property
+    def trim(self) -> tuple[int, int]:
+        return self.c0 - self.row0, self.c1 - self.row0
+
+    row0: int = 0  # first coefficient of atom lo
+
+
+@dataclass
+class _Part:
+    """A part made self-contained for a worker that holds neither ``t`` nor the pairs: the pairs
+    touching its atoms, renumbered onto the atoms they touch, and where to read those atoms' blocks."""
+
+    index: int
+    c0: int
     c1: int
     local: DecoderIncoherencePenalty  # penalty over the local atoms, pairs renumbered
     starts: np.ndarray           # global offsets of the local atoms' blocks (for reading t, v)
@@ -120,15 +142,23 @@ class DecoderPlan:
     pen : DecoderIncoherencePenalty
     bounds : array of int
         Coefficient bounds ``0 = c_0 < … < c_n = n_coef`` of the parts.
+
+    ``ranges`` describe the parts in global numbering (for workers that hold the whole penalty and
+    ``t``); ``parts`` (built on first use) are self-contained for workers that read ``t`` from Zarr.
     """
 
     def __init__(self, pen: DecoderIncoherencePenalty, bounds: np.ndarray):
         self.pen = pen
         self.bounds = np.asarray(bounds, dtype=np.int64)
-        self._perm_k = np.argsort(pen.pairs.k, kind="stable")
-        self._k_sorted = pen.pairs.k[self._perm_k]
-        self.parts = [self._make_part(i, int(c0), int(c1))
-                      for i, (c0, c1) in enumerate(zip(self.bounds[:-1], self.bounds[1:]))]
+        off = pen.layout.offsets
+        c0, c1 = self.bounds[:-1], self.bounds[1:]
+        lo = np.searchsorted(off, c0, side="right") - 1
+        hi = np.searchsorted(off, c1, side="left")
+        vlo = np.searchsorted(off[:-1], c0, side="left")
+        vhi = np.searchsorted(off[:-1], c1, side="left")
+        self.ranges = [_Range(i, int(lo[i]), int(hi[i]), int(vlo[i]), int(vhi[i]), int(c0[i]), int(c1[i]),
+                              int(off[lo[i]])) for i in range(c0.shape[0])]
+        self._parts = None
 
     @classmethod
     def balanced(cls, pen, n_parts: int, chunk: int | None = None) -> "DecoderPlan":
@@ -137,17 +167,22 @@ class DecoderPlan:
             return cls(pen, pen.layout.offsets[atoms])
         return cls(pen, chunk_aligned_bounds(pen, chunk, n_parts))
 
-    def _make_part(self, index: int, c0: int, c1: int) -> _Part:
+    @property
+    def parts(self) -> list[_Part]:
+        if self._parts is None:
+            perm_k = np.argsort(self.pen.pairs.k, kind="stable")
+            k_sorted = self.pen.pairs.k[perm_k]
+            self._parts = [self._make_part(r, perm_k, k_sorted) for r in self.ranges]
+        return self._parts
+
+    def _make_part(self, r: _Range, perm_k, k_sorted) -> _Part:
         pen, lay, pairs = self.pen, self.pen.layout, self.pen.pairs
         off = lay.offsets
-        lo = int(np.searchsorted(off, c0, side="right") - 1)
-        hi = int(np.searchsorted(off, c1, side="left"))
-        vlo = int(np.searchsorted(off[:-1], c0, side="left"))
-        vhi = int(np.searchsorted(off[:-1], c1, side="left"))
+        lo, hi = r.lo, r.hi
         # pairs touching [lo, hi): j in range (a contiguous slice) or k in range with j before it
         q0, q1 = np.searchsorted(pairs.j, [lo, hi])
-        a, b = np.searchsorted(self._k_sorted, [lo, hi])
-        from_k = self._perm_k[a:b]
+        a, b = np.searchsorted(k_sorted, [lo, hi])
+        from_k = perm_k[a:b]
         from_k = from_k[pairs.j[from_k] < lo]
         idx = np.concatenate([np.arange(q0, q1), np.sort(from_k)])
         idx.sort()
@@ -158,18 +193,35 @@ class DecoderPlan:
         local_pairs, _ = sub.restrict(atoms)
         local = pen.with_pairs(local_pairs, lay.subset(atoms))
         llo = int(np.searchsorted(atoms, lo))
-        lvlo, lvhi = (int(x) for x in np.searchsorted(atoms, [vlo, vhi]))
-        trim = (c0 - int(off[lo]), c1 - int(off[lo]))
-        return _Part(index, c0, c1, local, off[atoms].copy(), lay.block_sizes[atoms] * lay.p_out,
-                     (llo, llo + (hi - lo)), (lvlo, lvhi), trim, atoms)
+        lvlo, lvhi = (int(x) for x in np.searchsorted(atoms, [r.vlo, r.vhi]))
+        return _Part(r.index, r.c0, r.c1, local, off[atoms].copy(), lay.block_sizes[atoms] * lay.p_out,
+                     (llo, llo + (hi - lo)), (lvlo, lvhi), r.trim, atoms)
 
     def __len__(self) -> int:
-        return len(self.parts)
+        return len(self.ranges)
+
+
+def _finish_part(index, c0, c1, trim, res, writers, job):
+    """Trim a part's owned rows to ``[c0, c1)``, write them (one writer per chunk) and mark the part."""
+    a, b = trim
+    out = {}
+    for name, val in res.items():
+        if name in VECTOR_OPS and val is not None:
+            val = val[a:b]
+            if writers is not None and name in writers:
+                writers[name][c0:c1] = val
+                val = None
+        out[name] = val
+    if job is not None:
+        scalars = {k: (float(v) if k == "value" else [float(x) for x in v])
+                   for k, v in out.items() if k in SCALAR_OPS}
+        job.mark_done(f"P.{index}", outputs=[], info=scalars)
+    return index, out
 
 
 def _run_part(part: _Part, t_src: VectorSource, t_payload, v_src, v_payload, rho, ops, threads,
               writers=None, job=None):
-    """Worker task: one part's operations with the penalty's own kernels.
+    """Worker task (Zarr ``t``): read the blocks the part's pairs touch, run its local penalty.
 
     With ``writers`` the vector results go straight into their Zarr arrays (chunk-aligned: this
     part is the only writer of its chunks) and, with ``job``, the part is marked complete with its
@@ -180,20 +232,21 @@ def _run_part(part: _Part, t_src: VectorSource, t_payload, v_src, v_payload, rho
         v_local = None if v_src is None else v_src.read_ranges(part.starts, part.lengths, v_payload)
         res = part.local.evaluate_owned(t_local, rho, ops, v_local, out_atoms=part.out_atoms,
                                         value_atoms=part.value_atoms)
-    a, b = part.trim
-    out = {}
-    for name, val in res.items():
-        if name in VECTOR_OPS and val is not None:
-            val = val[a:b]
-            if writers is not None and name in writers:
-                writers[name][part.c0:part.c1] = val
-                val = None
-        out[name] = val
-    if job is not None:
-        scalars = {k: (float(v) if k == "value" else [float(x) for x in v])
-                   for k, v in out.items() if k in SCALAR_OPS}
-        job.mark_done(f"P.{part.index}", outputs=[], info=scalars)
-    return part.index, out
+    return _finish_part(part.index, part.c0, part.c1, part.trim, res, writers, job)
+
+
+def _run_shared(r: _Range, pen: DecoderIncoherencePenalty, t, v, rho, ops, threads, writers=None, job=None):
+    """Worker task (numpy ``t``): the whole penalty and ``t`` are already on the worker (scattered
+    once); compute the owned rows in place, no copy of ``t``."""
+    with kernel_threads(threads):
+        res = pen.evaluate_owned(t, rho, ops, v, out_atoms=(r.lo, r.hi), value_atoms=(r.vlo, r.vhi),
+                                 _validated=True)
+    return _finish_part(r.index, r.c0, r.c1, r.trim, res, writers, job)
+
+
+def shared_mode(pen: DecoderIncoherencePenalty, *sources) -> bool:
+    """Whether workers should hold the whole penalty and ``t`` (numpy inputs, pairs ≤ 1 GiB)."""
+    return all(s is None or s.kind == "numpy" for s in sources) and 24 * len(pen.pairs) <= SHARED_PAIRS_LIMIT
 
 
 def _sum_tree(values, split_every: int = 8):
@@ -334,11 +387,17 @@ def _evaluate_decoder(pen, t, rho, ops, v, out, n_tasks, chunk, split_every, pro
         for unit, m in job._markers().items():
             results[int(unit.split(".")[1])] = {k: (np.asarray(val) if k == "grad_rho" else val)
                                                  for k, val in m["info"].items()}
-    todo = [part for part in plan.parts if results[part.index] is None]
-    futures = [client.submit(_run_part, part, t_src.meta(), t_src.task_payload(),
-                             None if v_src is None else v_src.meta(),
-                             None if v_src is None else v_src.task_payload(), rho, ops, threads, writers, job,
-                             pure=False) for part in todo]
+    if shared_mode(pen, t_src, v_src):
+        pen_f = client.scatter(pen, broadcast=True, hash=False)
+        futures = [client.submit(_run_shared, r, pen_f, t_src.payload, None if v_src is None else v_src.payload,
+                                 rho, ops, threads, writers, job, pure=False)
+                   for r in plan.ranges if results[r.index] is None]
+    else:
+        futures = [client.submit(_run_part, part, t_src.meta(), t_src.task_payload(),
+                                 None if v_src is None else v_src.meta(),
+                                 None if v_src is None else v_src.task_payload(), rho, ops, threads, writers,
+                                 job, pure=False)
+                   for part in plan.parts if results[part.index] is None]
 
     def on_result(res):
         results[res[0]] = res[1]
@@ -629,19 +688,30 @@ def _run_tiles(tasks, n_tiles, t_src, t_payload, rho, scale, S_array, H, threads
     return out
 
 
+def _store_grams(S_array, g0: int, S: np.ndarray, job) -> None:
+    S_array[g0:g0 + S.shape[0]] = S
+    if job is not None:
+        apc = S_array.chunks[0]
+        for c in range(g0 // apc, -(-(g0 + S.shape[0]) // apc)):
+            job.mark_done(f"S.{c}", outputs=[])
+
+
 def _run_grams(part: _Part, t_src, t_payload, rho, threads, S_array, job=None):
-    """Worker task: ``s·S_a`` of a part's owned atoms, written to the ``S`` array (atom-aligned)."""
+    """Worker task (Zarr ``t``): ``s·S_a`` of a part's owned atoms into ``S`` (atom-aligned parts)."""
     with kernel_threads(threads):
         t_local = t_src.read_ranges(part.starts, part.lengths, t_payload)
         lo, hi = part.out_atoms
         S = part.local.weighted_grams(t_local, rho, atoms=np.arange(lo, hi))
-    g0 = int(part.atoms[lo])
-    S_array[g0:g0 + (hi - lo)] = S
-    if job is not None:
-        apc = S_array.chunks[0]
-        for c in range(g0 // apc, -(-(g0 + hi - lo) // apc)):
-            job.mark_done(f"S.{c}", outputs=[])
+    _store_grams(S_array, int(part.atoms[lo]), S, job)
     return part.index
+
+
+def _run_grams_shared(r: _Range, pen, t, rho, threads, S_array, job=None):
+    """Worker task (numpy ``t`` and the penalty on the worker): ``s·S_a`` of the range's atoms into ``S``."""
+    with kernel_threads(threads):
+        S = pen._weighted_grams(t, rho, np.arange(r.lo, r.hi))
+    _store_grams(S_array, r.lo, S, job)
+    return r.index
 
 
 def _atom_aligned_bounds(pen, n_parts: int, atoms_per_chunk: int) -> np.ndarray:
@@ -687,6 +757,24 @@ def pairs_identity(pairs: PairTable) -> dict:
     return {"n_pairs": len(pairs), "k_atoms": pairs.k_atoms, "blake2b": h.hexdigest()}
 
 
+def _quiesce(futures, timeout: float = 120.0) -> None:
+    """Wait until none of ``futures`` is still executing on a worker (a cancelled task that was
+    already running goes on until it returns), so the store is quiet when an error surfaces."""
+    if not futures:
+        return
+    client = futures[0].client
+    keys = {f.key for f in futures}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            busy = {k for ks in client.processing().values() for k in ks}
+        except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+            return
+        if not busy & keys:
+            return
+        time.sleep(0.05)
+
+
 class _Tracker:
     """Client side of a job: progress into the store as futures finish, failures recorded."""
 
@@ -721,6 +809,7 @@ class _Tracker:
         except Exception as exc:
             for f in futures:
                 f.cancel()
+            _quiesce(futures)
             if self.job is not None:
                 self.job.fail(f"{type(exc).__name__}: {exc}")
                 note = (f"; completed units are kept in {self.job.store.path}: re-run the same call "
@@ -829,8 +918,13 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
                      if any(f"S.{c}" not in done for c in range(a // apc, -(-b // apc)))]
     if pending_parts:
         plan = DecoderPlan(pen, pen.layout.offsets[atom_edges])
-        futs = [client.submit(_run_grams, plan.parts[i], t_src.meta(), t_src.task_payload(), rho, threads,
-                              S_array, job, pure=False) for i in pending_parts]
+        if shared_mode(pen, t_src):
+            pen_f = client.scatter(pen, broadcast=True, hash=False)
+            futs = [client.submit(_run_grams_shared, plan.ranges[i], pen_f, t_src.payload, rho, threads,
+                                  S_array, job, pure=False) for i in pending_parts]
+        else:
+            futs = [client.submit(_run_grams, plan.parts[i], t_src.meta(), t_src.task_payload(), rho, threads,
+                                  S_array, job, pure=False) for i in pending_parts]
         _Tracker(job, "grams", len(futs), progress).gather(futs)
     if format == "factored":
         fm = FactoredMajorizer.write(group, pen, t_src, rho, scale)

@@ -11,7 +11,7 @@ import numpy as np
 from ._sources import as_vector_source
 from ._validation import check_finite_scalar, check_positive_int, check_vector
 from ._workers import kernel_threads, threads_per_task
-from .assembly import DecoderPlan, _client, _Part, evaluate
+from .assembly import DecoderPlan, _client, evaluate
 from .errors import InvalidArgumentError
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty
 
@@ -34,62 +34,30 @@ class NewtonResult:
     seconds: float = 0.0
 
 
-class _Loaded:
-    """A part with its decoder rows and preconditioner kept in worker memory across iterations."""
-
-    def __init__(self, part: _Part, t_local: np.ndarray, precond, damping: float):
-        self.part = part
-        self.t_local = t_local
-        self.damping = damping
-        self.precond = precond  # None, or diag (owned rows), or block inverses (owned atoms, p, p)
-
-
-def _load(part, t_src, t_payload, rho, precond, damping, threads):
+def _precond_part(r, pen, t, rho, precond: str, damping: float, threads: int):
+    """Worker task: the preconditioner of a range's atoms — ``1/(diag + δ)`` or ``(S_a + δI)⁻¹``."""
     with kernel_threads(threads):
-        t_local = t_src.read_ranges(part.starts, part.lengths, t_payload)
-        lo, hi = part.out_atoms
-        pre = None
         if precond == "jacobi":
-            d = part.local.evaluate_owned(t_local, rho, ("psd_majorizer_diag",), out_atoms=(lo, hi))
-            pre = 1.0 / (d["psd_majorizer_diag"] + damping)
-        elif precond == "block":
-            S = part.local.weighted_grams(t_local, rho, atoms=np.arange(lo, hi))
-            S += damping * np.eye(S.shape[1])[None, :, :]
-            pre = np.linalg.inv(S)  # batched: (I ⊗ (S_a + δI))⁻¹ = I ⊗ (S_a + δI)⁻¹
-    return _Loaded(part, t_local, pre, damping)
+            d = pen._rows("psd_majorizer_diag", t, rho, None, r.lo, r.hi)
+            return r.index, 1.0 / (d + damping)
+        S = pen._weighted_grams(t, rho, np.arange(r.lo, r.hi))
+        S += damping * np.eye(S.shape[1])[None, :, :]
+        return r.index, np.linalg.inv(S)  # batched: (I ⊗ (S_a + δI))⁻¹ = I ⊗ (S_a + δI)⁻¹
 
 
-def _matvec(loaded: _Loaded, x_payload, rho, threads):
-    part = loaded.part
+def _matvec_part(r, pen, t, x, rho, damping: float, threads: int):
+    """Worker task: the range's rows of ``(H_GN + δI) x`` (penalty, ``t`` and ``x`` are on the worker)."""
     with kernel_threads(threads):
-        x_local = x_payload[_local_index(part)]
-        res = part.local.evaluate_owned(loaded.t_local, rho, ("psd_majorizer_hvp",), x_local,
-                                        out_atoms=part.out_atoms)
-    a, b = part.trim
-    lo, hi = part.out_atoms
-    loff = part.local.layout.offsets
-    owned_x = x_local[loff[lo]:loff[hi]]
-    return part.index, (res["psd_majorizer_hvp"] + loaded.damping * owned_x)[a:b]
+        y = pen._rows("psd_majorizer_hvp", t, rho, x, r.lo, r.hi)
+    y += damping * x[r.c0:r.c1]
+    return r.index, y
 
 
-def _apply_precond(loaded: _Loaded, r_owned: np.ndarray):
-    part = loaded.part
-    lo, hi = part.out_atoms
-    if isinstance(loaded.precond, np.ndarray) and loaded.precond.ndim == 3:
-        z = part.local.layout.block_matmul(r_owned, loaded.precond, np.arange(lo, hi))
-    else:
-        z = loaded.precond * r_owned
-    return part.index, z
-
-
-def _get_precond(loaded: _Loaded):
-    return loaded.part.index, loaded.precond
-
-
-def _local_index(part: _Part) -> np.ndarray:
-    from .layout import _ranges
-
-    return _ranges(part.starts, part.starts + part.lengths)
+def _apply_precond_part(r, pen, pre, z):
+    _, m = pre
+    if m.ndim == 3:
+        return r.index, pen.layout.block_matmul(z, m, np.arange(r.lo, r.hi))
+    return r.index, m * z
 
 
 def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxiter: int = 200,
@@ -141,52 +109,57 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     rho = pen._check_rho(rho)
     n = pen.n_coef
     b = check_vector(rhs, "rhs", length=n, what="the same length as t")
+    t_src, t_np = as_vector_source(t, n, "t")
+    if t_np is None:  # Zarr or dask: PCG keeps n-vectors on the client anyway
+        t_np = check_vector(t_src.read_all(), "t", length=n)
     client = _client()
-    t_src, _ = as_vector_source(t, n, "t", client=client)
     threads = threads_per_task(client)
     n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
-    plan = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads)
-    loaded = [client.submit(_load, part, t_src.meta(), t_src.task_payload(), rho,
-                            None if precond == "none" else precond, damping, threads, pure=False)
-              for part in plan.parts]
-    bounds = plan.bounds
-
-    def matvec(x):
-        xf = client.scatter(x, broadcast=True, hash=False)
-        futs = [client.submit(_matvec, L, xf, rho, threads, pure=False) for L in loaded]
-        out = np.empty(n)
-        for idx, val in client.gather(futs):
-            out[bounds[idx]:bounds[idx + 1]] = val
-        return out
-
+    ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
+    # the penalty and t travel to every worker once; each iteration ships only x
+    pen_f = client.scatter(pen, broadcast=True, hash=False)
+    t_f = client.scatter(t_np, broadcast=True, hash=False)
+    pre_f = []
+    if precond != "none":
+        pre_f = [client.submit(_precond_part, r, pen_f, t_f, rho, precond, damping, threads, pure=False)
+                 for r in ranges]
     # the preconditioner is applied on the client when it is small enough (one round trip per
-    # iteration instead of two); otherwise by the parts that hold it
+    # iteration instead of two); otherwise by the workers that hold it
     local_pre = None
     if precond != "none":
         p = pen.p_out
         size = n * 8 if precond == "jacobi" else pen.k_atoms * p * p * 8
         if size <= CLIENT_PRECOND_BYTES:
-            got = dict(client.gather([client.submit(_get_precond, L, pure=False) for L in loaded]))
-            local_pre = np.concatenate([got[i].reshape(-1) for i in range(len(loaded))])
+            got = dict(client.gather(pre_f))
+            local_pre = np.concatenate([got[i].reshape(-1) for i in range(len(ranges))])
             if precond == "block":
                 local_pre = local_pre.reshape(pen.k_atoms, p, p)
+            client.cancel(pre_f)
+            pre_f = []
+
+    def assemble(futs):
+        out = np.empty(n)
+        for idx, val in client.gather(futs):
+            out[ranges[idx].c0:ranges[idx].c1] = val
+        return out
+
+    def matvec(x):
+        xf = client.scatter(x, broadcast=True, hash=False)
+        return assemble([client.submit(_matvec_part, r, pen_f, t_f, xf, rho, damping, threads, pure=False)
+                         for r in ranges])
 
     def apply_m(r):
         if precond == "none":
             return r.copy()
         if local_pre is not None:
             return pen.layout.block_matmul(r, local_pre) if precond == "block" else local_pre * r
-        futs = [client.submit(_apply_precond, L, r[bounds[i]:bounds[i + 1]], pure=False)
-                for i, L in enumerate(loaded)]
-        out = np.empty(n)
-        for idx, val in client.gather(futs):
-            out[bounds[idx]:bounds[idx + 1]] = val
-        return out
+        return assemble([client.submit(_apply_precond_part, rg, pen_f, pf, r[rg.c0:rg.c1], pure=False)
+                         for rg, pf in zip(ranges, pre_f)])
 
     try:
         return _pcg(matvec, apply_m, b, tol, maxiter, precond, callback, t0)
     finally:
-        client.cancel(loaded)
+        client.cancel([pen_f, t_f, *pre_f])
 
 
 def _pcg(matvec, apply_m, b, tol, maxiter, precond, callback, t0) -> NewtonResult:

@@ -179,83 +179,78 @@ def pair_sqnorms(beta, off, m, p, pj, pk):
 
 
 @njit(parallel=True, **_OPTS)
-def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax):
-    """``out_a += scale · Σ_b w_ab (B_a B_bᵀ) B_b`` for every source atom ``a``."""
-    n_src = indptr.shape[0] - 1
-    nch = (n_src + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_base):
+    """``out_a += scale · Σ_b w_ab (B_a B_bᵀ) B_b`` for every source atom ``a0 ≤ a < a1``.
+
+    Atom ``a``'s rows go to ``out[off[a] − out_base:]``, so ``out`` may hold only the rows of the
+    range ``[off[a0], off[a1])`` (``out_base = off[a0]``) or the whole vector (``out_base = 0``).
+    The parallel loop runs over chunks of the range only.
+    """
+    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
     for ch in prange(nch):
         C = np.empty((mmax, mmax))
-        for a in range(ch * _ATOM_CHUNK, min(n_src, ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+        for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
             ma = m[a]
             oa = off[a]
             for e in range(indptr[a], indptr[a + 1]):
                 b = nbr[e]
                 _cross(beta, oa, ma, beta, off[b], m[b], p, wts[e] * scale, C)
-                _gemm_acc(out, oa, ma, C, beta, off[b], m[b], p)
+                _gemm_acc(out, oa - out_base, ma, C, beta, off[b], m[b], p)
 
 
 @njit(parallel=True, **_OPTS)
-def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, exact, out, mmax):
-    """Exact (``exact=True``) or Gauss-Newton Hessian-vector product, accumulated into ``out``.
+def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1, out_base):
+    """Hessian-vector products for source atoms ``a0 ≤ a < a1`` (output placed as in :func:`grad_csr`).
 
     Per directed edge ``a → b`` with ``W = scale·w_ab``, ``C = B_a B_bᵀ``, ``dC = V_a B_bᵀ + B_a V_bᵀ``:
-    ``out_a += W (dC B_b + [exact] C V_b)``.
+    ``mode`` 1 (exact) ``out_a += W (dC B_b + C V_b)``; 0 (Gauss-Newton) ``out_a += W dC B_b``;
+    2 (Gauss-Newton without its diagonal blocks ``V_a S_a``) ``out_a += W (B_a V_bᵀ) B_b``.
     """
-    n_src = indptr.shape[0] - 1
-    nch = (n_src + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
     for ch in prange(nch):
         C = np.empty((mmax, mmax))
         D = np.empty((mmax, mmax))
-        for a in range(ch * _ATOM_CHUNK, min(n_src, ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+        for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
             ma = m[a]
             oa = off[a]
+            ow = oa - out_base
             for e in range(indptr[a], indptr[a + 1]):
                 b = nbr[e]
                 mb = m[b]
                 ob = off[b]
                 w = wts[e] * scale
-                _cross(v, oa, ma, beta, ob, mb, p, w, D)
-                _cross(beta, oa, ma, v, ob, mb, p, w, C)
-                for r in range(ma):
-                    for c in range(mb):
-                        D[r, c] += C[r, c]
-                _gemm_acc(out, oa, ma, D, beta, ob, mb, p)
-                if exact:
+                _cross(beta, oa, ma, v, ob, mb, p, w, D)
+                if mode != 2:
+                    _cross(v, oa, ma, beta, ob, mb, p, w, C)
+                    for r in range(ma):
+                        for c in range(mb):
+                            D[r, c] += C[r, c]
+                _gemm_acc(out, ow, ma, D, beta, ob, mb, p)
+                if mode == 1:
                     _cross(beta, oa, ma, beta, ob, mb, p, w, C)
-                    _gemm_acc(out, oa, ma, C, v, ob, mb, p)
+                    _gemm_acc(out, ow, ma, C, v, ob, mb, p)
 
 
 @njit(parallel=True, **_OPTS)
-def col_sqsums(beta, off, m, p, atoms):
-    """``Σ_r B_a[r, o]²`` for each atom in ``atoms``: array ``(len(atoms), p)``."""
-    n = atoms.shape[0]
-    out = np.zeros((n, p))
-    for i in prange(n):
-        a = atoms[i]
-        oa = off[a]
+def gn_diag_csr(beta, off, m, p, indptr, nbr, wts, scale, out, a0, a1, out_base):
+    """Diagonal of the Gauss-Newton matrix for atoms ``a0 ≤ a < a1``: every row of atom ``a`` gets
+    ``diag(S_a) = scale · Σ_b w_ab Σ_c B_b[c, :]²`` (output placed as in :func:`grad_csr`)."""
+    for a in prange(a0, a1):
+        d = np.zeros(p)
+        for e in range(indptr[a], indptr[a + 1]):
+            b = nbr[e]
+            w = wts[e] * scale
+            ob = off[b]
+            for r in range(m[b]):
+                row = _U(ob + r * p)
+                for o in range(_U(p)):
+                    x = beta[row + o]
+                    d[o] += w * x * x
+        ow = off[a] - out_base
         for r in range(m[a]):
-            row = _U(oa + r * p)
+            dst = _U(ow + r * p)
             for o in range(_U(p)):
-                x = beta[row + o]
-                out[i, o] += x * x
-    return out
-
-
-@njit(parallel=True, **_OPTS)
-def atom_grams(beta, off, m, p, atoms):
-    """``G_a = B_aᵀ B_a`` for each atom in ``atoms``: array ``(len(atoms), p, p)``."""
-    n = atoms.shape[0]
-    out = np.zeros((n, p, p))
-    for i in prange(n):
-        a = atoms[i]
-        oa = off[a]
-        for r in range(m[a]):
-            row = _U(oa + r * p)
-            for o1 in range(p):
-                x = beta[row + _U(o1)]
-                for o2 in range(_U(p)):
-                    out[i, o1, o2] += x * beta[row + o2]
-    return out
+                out[dst + o] = d[o]
 
 
 @njit(parallel=True, **_OPTS)
@@ -351,40 +346,3 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms):
                     for o2 in range(_U(p)):
                         out[i, o1, o2] += x * beta[row + o2]
     return out
-
-
-@njit(parallel=True, **_OPTS)
-def cross_hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, out, mmax):
-    """Off-diagonal part of the Gauss-Newton product: ``out_a += Σ_b W (B_a V_bᵀ) B_b``.
-
-    Together with the diagonal blocks ``V_a·S_a`` it makes the full product ``Σ_b W dC B_b``.
-    """
-    n_src = indptr.shape[0] - 1
-    for a in prange(n_src):
-        e0 = indptr[a]
-        e1 = indptr[a + 1]
-        if e0 == e1:
-            continue
-        ma = m[a]
-        oa = off[a]
-        D = np.empty((mmax, mmax))
-        for e in range(e0, e1):
-            b = nbr[e]
-            w = wts[e] * scale
-            mb = m[b]
-            ob = off[b]
-            for r in range(ma):
-                ra = oa + r * p
-                for c in range(mb):
-                    rb = ob + c * p
-                    acc = 0.0
-                    for o in range(p):
-                        acc += beta[ra + o] * v[rb + o]
-                    D[r, c] = w * acc
-            for r in range(ma):
-                base = oa + r * p
-                for c in range(mb):
-                    coef = D[r, c]
-                    src = ob + c * p
-                    for o in range(p):
-                        out[base + o] += coef * beta[src + o]

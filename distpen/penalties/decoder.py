@@ -183,41 +183,48 @@ class DecoderIncoherencePenalty(Penalty):
         sq = K.pair_sqnorms(t, off, m, p, self.pairs.j, self.pairs.k)
         return 0.5 * self._strength(rho) * float(np.dot(self.pairs.w, sq))
 
-    def _grad(self, t, rho):
+    _ROW_OPS = {"grad": -1, "psd_majorizer_hvp": 0, "hvp": 1, "psd_majorizer_offdiag_hvp": 2,
+                "psd_majorizer_diag": -2}
+
+    def _rows(self, op: str, t, rho, v=None, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Rows of atoms ``[lo, hi)`` of a vector operation, computed from those atoms' pairs only."""
+        hi = self.k_atoms if hi is None else hi
         off, m, p = self._lay()
-        out = np.zeros_like(t)
+        base = int(off[lo])
+        out = np.zeros(int(off[hi]) - base)
+        if hi == lo:
+            return out
         indptr, nbr, wts = self.pairs.directed()
-        K.grad_csr(t, off, m, p, indptr, nbr, wts, self._strength(rho), out, self.layout.max_block)
+        s = self._strength(rho)
+        mode = self._ROW_OPS[op]
+        if mode == -1:
+            K.grad_csr(t, off, m, p, indptr, nbr, wts, s, out, self.layout.max_block, lo, hi, base)
+        elif mode == -2:
+            K.gn_diag_csr(t, off, m, p, indptr, nbr, wts, s, out, lo, hi, base)
+        else:
+            K.hvp_csr(t, v, off, m, p, indptr, nbr, wts, s, mode, out, self.layout.max_block, lo, hi, base)
         return out
+
+    def _grad(self, t, rho):
+        return self._rows("grad", t, rho)
 
     def _grad_rho(self, t, rho):
         if not self.learnable_weight:
             return np.zeros(0)
         return np.array([self._value(t, rho)])
 
-    def _product(self, t, rho, v, exact: bool):
-        off, m, p = self._lay()
-        out = np.zeros_like(t)
-        indptr, nbr, wts = self.pairs.directed()
-        K.hvp_csr(t, v, off, m, p, indptr, nbr, wts, self._strength(rho), exact, out,
-                  self.layout.max_block)
-        return out
-
     def _hvp(self, t, rho, v):
-        return self._product(t, rho, v, True)
+        return self._rows("hvp", t, rho, v)
 
     def _gn_hvp(self, t, rho, v):
-        return self._product(t, rho, v, False)
+        return self._rows("psd_majorizer_hvp", t, rho, v)
 
     def _hessian_diag(self, t, rho):
         return None
 
     def _gn_diag(self, t, rho):
-        off, m, p = self._lay()
-        colsq = K.col_sqsums(t, off, m, p, np.arange(self.k_atoms, dtype=np.int64))
-        diag_s = self.pairs.adjacency() @ colsq  # row a: Σ_b w_ab · colsq_b = diag(S_a)
-        diag_s *= self._strength(rho)
-        return np.repeat(diag_s, m, axis=0).ravel()
+        # diag(I ⊗ S_a) in closed form: Σ_b w_ab Σ_c B_b[c, o]² on every row of atom a
+        return self._rows("psd_majorizer_diag", t, rho)
 
     def weighted_grams(self, t, rho=None, atoms=None) -> np.ndarray:
         """``s·S_a = s·Σ_b w_ab B_bᵀ B_b`` for ``atoms`` (all by default): array ``(n, p_out, p_out)``.
@@ -225,12 +232,14 @@ class DecoderIncoherencePenalty(Penalty):
         Atom ``a``'s diagonal block of the Gauss-Newton matrix is ``I_{M_a} ⊗ s·S_a``.
         """
         t = self._check_target(t)
-        s = self._strength(self._check_rho(rho))
+        return self._weighted_grams(t, self._check_rho(rho), atoms)
+
+    def _weighted_grams(self, t, rho, atoms=None) -> np.ndarray:
         atoms = np.arange(self.k_atoms, dtype=np.int64) if atoms is None else np.asarray(atoms, dtype=np.int64)
         off, m, p = self._lay()
         indptr, nbr, wts = self.pairs.directed()
         S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms)
-        S *= s
+        S *= self._strength(rho)
         return S
 
     def accumulate_psd_majorizer_dense(self, t, rho, scale: float, out: np.ndarray) -> np.ndarray:
@@ -275,7 +284,8 @@ class DecoderIncoherencePenalty(Penalty):
                           int(row0), int(col0))
         return out
 
-    def evaluate_owned(self, t, rho, ops, v=None, *, out_atoms=None, value_atoms=None) -> dict:
+    def evaluate_owned(self, t, rho, ops, v=None, *, out_atoms=None, value_atoms=None,
+                       _validated: bool = False) -> dict:
         """Operations restricted to the atoms a worker owns ("owner computes").
 
         Vector results (``grad``, ``hvp``, ``psd_majorizer_hvp``, ``psd_majorizer_diag`` and
@@ -284,10 +294,12 @@ class DecoderIncoherencePenalty(Penalty):
         rows of atoms ``out_atoms = (lo, hi)`` only — exactly those of the full operation, provided
         the penalty holds every pair touching them — as one flat array of their coefficients.
         ``value`` and ``grad_rho`` count the pairs whose ``j`` lies in ``value_atoms``, so disjoint
-        value ranges sum to the full value. ``hessian_diag`` is ``None``.
+        value ranges sum to the full value. ``hessian_diag`` is ``None``. (``_validated`` skips the
+        input checks for callers that validated ``t``, ``rho`` and ``v`` once for many calls.)
         """
-        t = self._check_target(t)
-        rho = self._check_rho(rho)
+        if not _validated:
+            t = self._check_target(t)
+            rho = self._check_rho(rho)
         K_ = self.k_atoms
         lo, hi = (0, K_) if out_atoms is None else (int(out_atoms[0]), int(out_atoms[1]))
         vlo, vhi = (0, K_) if value_atoms is None else (int(value_atoms[0]), int(value_atoms[1]))
@@ -295,7 +307,6 @@ class DecoderIncoherencePenalty(Penalty):
             raise InvalidArgumentError(f"atom ranges {out_atoms!r}, {value_atoms!r} must lie in [0, {K_}]")
         s = self._strength(rho)
         off, m, p = self._lay()
-        c0, c1 = int(off[lo]), int(off[hi])
         res: dict = {}
         if "value" in ops or "grad_rho" in ops:
             q0, q1 = np.searchsorted(self.pairs.j, [vlo, vhi])
@@ -305,30 +316,12 @@ class DecoderIncoherencePenalty(Penalty):
                 res["value"] = val
             if "grad_rho" in ops:
                 res["grad_rho"] = np.array([val]) if self.learnable_weight else np.zeros(0)
-        indptr, nbr, wts = self.pairs.directed()
-        # sources outside [lo, hi) get no edges: the kernels then only touch owned rows
-        owned_ptr = np.clip(indptr, indptr[lo], indptr[hi])
-        if "grad" in ops:
-            g = np.zeros_like(t)
-            K.grad_csr(t, off, m, p, owned_ptr, nbr, wts, s, g, self.layout.max_block)
-            res["grad"] = g[c0:c1]
-        if "hvp" in ops or "psd_majorizer_hvp" in ops:
-            v = self._check_probe(v, t)
-            for name, exact in (("hvp", True), ("psd_majorizer_hvp", False)):
-                if name in ops:
-                    h = np.zeros_like(t)
-                    K.hvp_csr(t, v, off, m, p, owned_ptr, nbr, wts, s, exact, h, self.layout.max_block)
-                    res[name] = h[c0:c1]
-        if "psd_majorizer_offdiag_hvp" in ops:
-            v = self._check_probe(v, t)
-            h = np.zeros_like(t)
-            K.cross_hvp_csr(t, v, off, m, p, owned_ptr, nbr, wts, s, h, self.layout.max_block)
-            res["psd_majorizer_offdiag_hvp"] = h[c0:c1]
-        if "psd_majorizer_diag" in ops:
-            colsq = K.col_sqsums(t, off, m, p, np.arange(K_, dtype=np.int64))
-            diag_s = self.pairs.adjacency()[lo:hi] @ colsq
-            diag_s *= s
-            res["psd_majorizer_diag"] = np.repeat(diag_s, m[lo:hi], axis=0).ravel()
+        for name in ops:
+            if name in self._ROW_OPS:
+                probe = None
+                if name in ("hvp", "psd_majorizer_hvp", "psd_majorizer_offdiag_hvp"):
+                    probe = v if _validated else self._check_probe(v, t)
+                res[name] = self._rows(name, t, rho, probe, lo, hi)
         if "hessian_diag" in ops:
             res["hessian_diag"] = None
         return res
