@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Timing", "time_best", "gemm_peak", "memcpy_bandwidth", "print_table", "fmt_ms", "machine_line"]
+__all__ = ["Timing", "time_best", "gemm_peak", "memcpy_bandwidth", "disk_write_bandwidth", "print_table", "fmt_ms",
+           "machine_line"]
 
 
 @dataclass
@@ -63,6 +64,29 @@ def memcpy_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
     dst.fill(0.0)
     t = time_best(lambda: np.copyto(dst, src), repeat=repeat, warmup=1)
     return n * 8 / t.best / 1e9
+
+
+def disk_write_bandwidth(directory: str, nbytes: int = 1 << 30, block: int = 64 << 20, repeat: int = 2) -> float:
+    """Sequential write bandwidth in GB/s of the file system holding ``directory``: ``nbytes`` of
+    incompressible bytes written in ``block``-byte writes to a new file, then ``fsync``ed (the
+    time includes the fsync), best of ``repeat``. The file is deleted afterwards."""
+    buf = np.random.default_rng(0).integers(0, 256, size=block, dtype=np.uint8).tobytes()
+    n_blocks = max(1, nbytes // block)
+    path = os.path.join(directory, f".disk_write_bandwidth.{os.getpid()}")
+    best = float("inf")
+    try:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            with open(path, "wb", buffering=0) as f:
+                for _ in range(n_blocks):
+                    f.write(buf)
+                os.fsync(f.fileno())
+            best = min(best, time.perf_counter() - t0)
+            os.unlink(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return n_blocks * block / best / 1e9
 
 
 def fmt_ms(seconds: float | None) -> str:
