@@ -727,6 +727,19 @@ def _atom_aligned_bounds(pen, n_parts: int, atoms_per_chunk: int) -> np.ndarray:
     return np.minimum(edges.astype(np.int64) * atoms_per_chunk, K)
 
 
+def _tile_codecs(pen: DecoderIncoherencePenalty, tile: int, n_tiles_touched: int, compressors):
+    """Codecs of ``H``: the caller's, or (``"auto"``) none for mostly non-zero tiles, fast zstd otherwise."""
+    if not (isinstance(compressors, str) and compressors == "auto"):
+        return compressors
+    from zarr.codecs import ZstdCodec
+
+    m = pen.block_sizes.astype(np.float64) * pen.p_out
+    pairs = pen.pairs
+    filled = 2.0 * float(np.sum(m[pairs.j] * m[pairs.k])) + float(np.sum(m[pairs.degree() > 0] * pen.p_out))
+    density = filled / max(1.0, float(n_tiles_touched) * tile * tile)
+    return None if density > 0.5 else ZstdCodec(level=1)
+
+
 def default_tile(pen: Penalty, n: int) -> int:
     """A square tile of at most 2048² float64 (32 MiB) that holds at least one full decoder block."""
     block = pen.layout.max_block * pen.p_out if isinstance(pen, DecoderIncoherencePenalty) else 1
@@ -821,7 +834,7 @@ class _Tracker:
 
 def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, tile: int | None = None,
                        format: str = "tiles", overwrite: bool = False, tiles_per_task: int | None = None,
-                       progress=None, _fail_tiles=()):
+                       compressors="auto", progress=None, _fail_tiles=()):
     """Assemble ``scale·H_GN`` out of core, as square tiles of an ``n × n`` Zarr array.
 
     Parameters
@@ -841,6 +854,10 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
         :class:`FactoredMajorizer` whose ``matvec`` reproduces ``scale·H_GN v``.
     overwrite : bool
         Replace a different job already in ``out`` (otherwise refused).
+    compressors : "auto", None or Zarr codecs
+        Codecs of ``H``. ``"auto"``: none when the written tiles are expected to be mostly
+        non-zero (compressing dense float64 costs more time than it saves bytes), fast zstd
+        (level 1) when they are mostly zeros.
 
     Returns
     -------
@@ -934,7 +951,7 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
     # stage 2: tiles, each written by exactly one task; only the missing ones on a re-run
     if fresh or "H" not in group:
         H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0,
-                               overwrite=True)
+                               overwrite=True, compressors=_tile_codecs(pen, tile, keys.shape[0], compressors))
     else:
         H = group["H"]
     todo = [i for i in range(keys.shape[0]) if _tile_unit(keys[i], n_tiles)[0] not in done]
