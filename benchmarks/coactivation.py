@@ -1,0 +1,272 @@
+"""Co-activation statistics: distpen against its peers, side by side, on the same gates read from Zarr.
+
+Peers (the issue's Benchmarks section):
+
+* numpy ``G.T @ G`` on the gates loaded into memory (float32, multithreaded BLAS on every core);
+* scipy.sparse CSR ``G.T @ G`` (the CSR is built from the loaded array, or from top-k indices/values);
+* ``dask.array``: ``da.dot(G.T, G)`` from ``da.from_zarr`` on the same cluster as distpen.
+
+distpen runs ``coactivation_stats`` end to end (Zarr in → statistics store out, which computes more:
+``pair_sum`` in float64, ``pair_count``, and the per-atom vectors) on a ``LocalCluster`` with 1 and 2
+worker processes. Peer times are given for the compute alone and end to end from Zarr (read + build
++ compute); ratios are peer time / distpen time, so > 1 means distpen is faster.
+
+Usage::
+
+    python benchmarks/coactivation.py            # the issue's sizes (a few minutes on 2 cores)
+    python benchmarks/coactivation.py --quick    # small sizes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 10 ms)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._p = psutil.Process()
+        self.base = self.peak = self._p.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._p.memory_info().rss)
+            self._stop.wait(0.01)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def _worker_rss_start(dask_worker):
+    import threading as th
+
+    import psutil
+
+    p = psutil.Process()
+    dask_worker._bench_peak = p.memory_info().rss
+    dask_worker._bench_stop = th.Event()
+
+    def loop():
+        while not dask_worker._bench_stop.is_set():
+            dask_worker._bench_peak = max(dask_worker._bench_peak, p.memory_info().rss)
+            dask_worker._bench_stop.wait(0.02)
+
+    th.Thread(target=loop, daemon=True).start()
+
+
+def _worker_rss_stop(dask_worker):
+    dask_worker._bench_stop.set()
+    return dask_worker._bench_peak
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t0, out
+
+
+def make_cluster(n_workers: int, memory_limit):
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                           memory_limit=memory_limit, dashboard_address=":0", host="127.0.0.1")
+    return cluster, Client(cluster, set_as_default=False)
+
+
+def warm_up(client, workdir):
+    """Load the compiled kernels in every worker (peers get a warm process too)."""
+    import distpen as dp
+
+    rng = np.random.default_rng(0)
+    G = ((rng.random((4000, 64)) < 0.3) * rng.random((4000, 64))).astype(np.float32)
+    for w in range(2):
+        dp.coactivation_stats(G, os.path.join(workdir, f"warm{w}"), row_chunk=100, tile=32,
+                              overwrite=True, client=client)
+    idx = rng.integers(0, 64, (1000, 4)).astype(np.int32)
+    idx[:, 1:] = -1
+    dp.coactivation_stats(dp.TopKGates(idx, np.ones((1000, 4), np.float32), 64),
+                          os.path.join(workdir, "warmk"), overwrite=True, client=client)
+
+
+def run_distpen(client, gates_path, out):
+    import distpen as dp
+
+    client.run(_worker_rss_start)
+    t, st = timed(dp.coactivation_stats, dp.open_gates(gates_path), out, overwrite=True, client=client)
+    peaks = client.run(_worker_rss_stop)
+    return t, st, max(peaks.values())
+
+
+def bench_dense(name, n, k, density, workdir, clusters, rows):
+    import dask.array as da
+    import scipy.sparse as sp
+    import zarr
+
+    import distpen as dp
+
+    path = os.path.join(workdir, f"dense-{n}-{k}-{density}")
+    if not os.path.exists(path):
+        dp.synth_gates(path, n, k, density=density, seed=1, client=clusters[max(clusters)][1])
+    z = zarr.open_array(os.path.join(path, "gates"), mode="r")
+    t_read, G = timed(lambda: z[:])
+    t_np, C_np = timed(lambda: G.T @ G)
+    t_csr, A = timed(sp.csr_array, G)
+    t_sp, C_sp = timed(lambda: (A.T @ A))
+    nnz = A.nnz
+    del A, C_sp
+    res = {"numpy": (t_np, t_read + t_np), "scipy.sparse": (t_sp, t_read + t_csr + t_sp)}
+    ref = C_np.astype(np.float64)
+    del G
+    dp_times = {}
+    for w, (cluster, client) in sorted(clusters.items()):
+        x = da.from_zarr(os.path.join(path, "gates"))
+        t_da, _ = timed(lambda: client.compute(da.dot(x.T, x)).result())
+        res[f"dask.array ({w}w)"] = (t_da, t_da)
+        t, st, peak = run_distpen(client, path, os.path.join(workdir, f"st-{name}-{w}"))
+        dp_times[w] = (t, peak, st)
+    st = dp_times[max(dp_times)][2]
+    err = np.abs(st.coactivation_dense() * n - ref).max() / max(np.abs(ref).max(), 1e-30)
+    fastest = min(v[1] for v in res.values())
+    for peer, (tc, te) in res.items():
+        rows.append((name, peer, tc, te, None, None))
+    for w, (t, peak, _) in sorted(dp_times.items()):
+        rows.append((name, f"distpen ({w}w)", t, t, fastest / t, peak))
+    routes = st._job.progress().get("routes")
+    print(f"  [{name}] nnz fraction {nnz / (n * k):.3f}, max rel. diff vs numpy float32 {err:.1e}, "
+          f"kernel routes {routes}, tile {st.tile_size}, row_chunk {st.attrs['row_chunk']}", flush=True)
+    return t_np, dp_times
+
+
+def bench_topk(name, n, K, k, workdir, clusters, rows):
+    import scipy.sparse as sp
+    import zarr
+
+    import distpen as dp
+
+    path = os.path.join(workdir, f"topk-{n}-{K}-{k}")
+    if not os.path.exists(path):
+        dp.synth_gates(path, n, K, topk=k, seed=2, client=clusters[max(clusters)][1])
+    grp = zarr.open_group(path, mode="r")
+    t_read, (idx, val) = timed(lambda: (grp["indices"][:], grp["values"][:]))
+    with PeakRSS() as mem:
+        def build():
+            keep = idx >= 0
+            counts = keep.sum(1)
+            indptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(counts, out=indptr[1:])
+            return sp.csr_array((val[keep], idx[keep], indptr), shape=(n, K))
+        t_csr, A = timed(build)
+        t_sp, C = timed(lambda: A.T @ A)
+    del A, C
+    sp_tps = n / (t_csr + t_sp)
+    rows.append((name, "scipy.sparse", t_sp, t_read + t_csr + t_sp, None, mem.extra))
+    dp_times = {}
+    for w, (cluster, client) in sorted(clusters.items()):
+        t, st, peak = run_distpen(client, path, os.path.join(workdir, f"st-{name}-{w}"))
+        dp_times[w] = (t, peak)
+        rows.append((name, f"distpen ({w}w)", t, t, (t_read + t_csr + t_sp) / t, peak))
+    print(f"  [{name}] scipy.sparse {sp_tps:,.0f} tokens/s (build+product), peak +{mem.extra / 2**30:.2f} GiB; "
+          + ", ".join(f"distpen {w}w {n / t:,.0f} tokens/s ({n / t / sp_tps:.1f}×), worker peak "
+                      f"{p / 2**30:.2f} GiB" for w, (t, p) in sorted(dp_times.items())), flush=True)
+    return sp_tps, dp_times
+
+
+def print_table(rows):
+    print()
+    print(f"{'case':<26} {'method':<18} {'compute s':>10} {'end-to-end s':>13} {'peer/distpen':>13} {'peak mem':>10}")
+    for case, method, tc, te, ratio, peak in rows:
+        r = f"{ratio:.2f}×" if ratio is not None else ""
+        m = f"{peak / 2**30:.2f} GiB" if peak else ""
+        print(f"{case:<26} {method:<18} {tc:>10.2f} {te:>13.2f} {r:>13} {m:>10}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    ap.add_argument("--workdir", default=None, help="where gates and stores go (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--cases", default="dense,dense50,topk", help="comma list of dense, dense50, topk")
+    args = ap.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="distpen-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    cases = set(args.cases.split(","))
+    if args.quick:
+        dense_sizes, dense50, topk = [(20_000, 256)], (10_000, 256), (50_000, 2048, 16)
+    else:
+        dense_sizes, dense50, topk = [(200_000, 1024), (50_000, 4096)], (100_000, 1024), (1_000_000, 16_384, 32)
+    print(f"distpen co-activation benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} cores, "
+          f"work dir {workdir}", flush=True)
+    rows = []
+    summary = []
+    try:
+        if cases & {"dense", "dense50"}:
+            clusters = {w: make_cluster(w, "6GiB") for w in (1, 2)}
+            try:
+                for w, (_, c) in clusters.items():
+                    warm_up(c, workdir)
+                if "dense" in cases:
+                    for n, k in dense_sizes:
+                        name = f"dense 2% {n}x{k}"
+                        bench_dense(name, n, k, 0.02, workdir, clusters, rows)
+                        best_peer = min(r[3] for r in rows if r[0] == name and not r[1].startswith("distpen"))
+                        d2 = [r for r in rows if r[0] == name and r[1] == "distpen (2w)"][0]
+                        summary.append(f"{name}: distpen (2w) {d2[3]:.2f} s vs fastest peer end to end "
+                                       f"{best_peer:.2f} s -> {best_peer / d2[3]:.2f}× (target ≥ 2×)")
+                if "dense50" in cases:
+                    n, k = dense50
+                    name = f"dense 50% {n}x{k}"
+                    t_np, dpt = bench_dense(name, n, k, 0.5, workdir, clusters, rows)
+                    t2 = dpt[2][0]
+                    summary.append(f"{name}: distpen (2w) {t2:.2f} s vs numpy in-memory G.T@G {t_np:.2f} s -> "
+                                   f"{t_np / t2:.2f}× numpy speed (target ≥ 0.7×)")
+            finally:
+                for cl, c in clusters.values():
+                    c.close()
+                    cl.close()
+        if "topk" in cases:
+            clusters = {w: make_cluster(w, "4GiB") for w in (1, 2)}
+            try:
+                for w, (_, c) in clusters.items():
+                    warm_up(c, workdir)
+                n, K, k = topk
+                name = f"top-k {n}x{K} k={k}"
+                sp_tps, dpt = bench_topk(name, n, K, k, workdir, clusters, rows)
+                t2, p2 = dpt[2]
+                summary.append(f"{name}: distpen (2w) {n / t2:,.0f} tokens/s vs scipy.sparse {sp_tps:,.0f} -> "
+                               f"{n / t2 / sp_tps:.2f}× (target ≥ 3×), worker peak {p2 / 2**30:.2f} GiB (≤ 4 GiB)")
+            finally:
+                for cl, c in clusters.values():
+                    c.close()
+                    cl.close()
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_table(rows)
+    print()
+    for s in summary:
+        print(s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Per-chunk co-activation kernels against numpy, without Dask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from distpen import _coact_kernels as ker
+from distpen.errors import GateDataError
+
+
+def _dense(n, k, density, seed, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    return ((rng.random((n, k)) < density) * rng.exponential(1.0, (n, k))).astype(dtype)
+
+
+def _tile_ref(G, i0, i1, j0, j1, diag):
+    G = G.astype(np.float64)
+    s = G[:, i0:i1].T @ G[:, j0:j1]
+    F = (G > 0).astype(np.int64)
+    c = F[:, i0:i1].T @ F[:, j0:j1]
+    if diag:
+        s, c = np.triu(s), np.triu(c)
+    return s, c
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("density", [0.03, 0.6])
+@pytest.mark.parametrize("tile", [(0, 7, 0, 7), (0, 7, 7, 19), (3, 4, 10, 19)])
+def test_scatter_and_blas_routes_match_numpy(dtype, density, tile):
+    G = _dense(300, 19, density, 1, dtype)
+    i0, i1, j0, j1 = tile
+    diag = (i0, i1) == (j0, j1)
+    ref_s, ref_c = _tile_ref(G, i0, i1, j0, j1, diag)
+    # scatter route on the CSR of the column blocks
+    xi = np.ascontiguousarray(G[:, i0:i1])
+    xj = np.ascontiguousarray(G[:, j0:j1])
+    ci = ker.dense_to_csr(xi, i0, ker.dense_scan(xi))
+    cj = ker.dense_to_csr(xj, j0, ker.dense_scan(xj))
+    s = np.zeros((8, 12))
+    c = np.zeros((8, 12), dtype=np.int64)
+    ker.scatter_pairs(ci, cj, i0, i1, j0, j1, diag, s, c)
+    np.testing.assert_allclose(s[:i1 - i0, :j1 - j0], ref_s, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(c[:i1 - i0, :j1 - j0], ref_c)
+    assert not s[i1 - i0:].any() and not c[:, j1 - j0:].any()  # padding untouched
+    # BLAS route
+    s2 = np.zeros((8, 12))
+    c2 = np.zeros((8, 12), dtype=np.int64)
+    with threadpool_limits(1):
+        if diag:
+            ker.blas_tile(xi.astype(np.float64), (xi > 0).astype(np.float32), None, None, s2, c2)
+        else:
+            ker.blas_tile(xi.astype(np.float64), (xi > 0).astype(np.float32),
+                          xj.astype(np.float64), (xj > 0).astype(np.float32), s2, c2)
+    np.testing.assert_allclose(s2[:i1 - i0, :j1 - j0], ref_s, rtol=1e-12, atol=1e-300)
+    np.testing.assert_array_equal(c2[:i1 - i0, :j1 - j0], ref_c)
+    assert c2.dtype == np.int64 and s2.dtype == np.float64
+
+
+def test_route_follows_measured_density():
+    sparse = _dense(2000, 512, 0.01, 2)
+    dense = _dense(2000, 512, 0.5, 2)
+    for G, want in ((sparse, "scatter"), (dense, "blas")):
+        nnz = ker.dense_scan(G)
+        assert ker.choose_route(nnz, None, 512, 512) == want
+        assert ker.choose_route(nnz, nnz, 512, 512) == want
+
+
+def test_topk_csr_sorts_skips_empty_slots_and_matches_dense():
+    idx = np.array([[4, 1, -1, 2], [0, 3, 2, 5], [5, -1, -1, -1]], dtype=np.int32)
+    val = np.array([[1.0, 2.0, 9.0, 0.0], [0.5, 1.5, 2.5, 3.0], [7.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    ip, cols, vals = ker.topk_block_csr(idx, val, 0, 6, 6)
+    assert ip.tolist() == [0, 2, 6, 7]
+    assert cols.tolist() == [1, 4, 0, 2, 3, 5, 5]  # sorted per row; (-1, 9.0) and (2, 0.0) skipped
+    assert vals.tolist() == [2.0, 1.0, 0.5, 2.5, 1.5, 3.0, 7.0]
+    ip, cols, _ = ker.topk_block_csr(idx, val, 2, 5, 6)
+    assert cols.tolist() == [4, 2, 3]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (("val", 1, 2, np.nan), r"row 11, atom 2 is NaN"),
+    (("val", 0, 1, -1.0), r"row 10, atom 1 is negative"),
+    (("val", 2, 0, np.inf), r"row 12, atom 5 is infinite"),
+    (("idx", 1, 3, 3), r"row 11, atom 3 is repeated"),
+    (("idx", 0, 0, 6), r"row 10, atom 6 is an atom index outside \[-1, k_atoms\)"),
+    (("idx", 0, 0, -2), r"row 10, atom -2 is an atom index outside"),
+])
+def test_topk_data_errors_name_row_and_atom(bad, match):
+    idx = np.array([[4, 1, -1, 2], [0, 3, 2, 5], [5, -1, -1, -1]], dtype=np.int64)
+    val = np.array([[1.0, 2.0, 9.0, 0.0], [0.5, 1.5, 2.5, 3.0], [7.0, 0.0, 0.0, 0.0]])
+    which, r, s, v = bad
+    (idx if which == "idx" else val)[r, s] = v
+    with pytest.raises(GateDataError, match=match) as info:
+        ker.topk_block_csr(idx, val, 0, 6, 6, row0=10, rows=(10, 13))
+    assert "row chunk [10, 13)" in str(info.value)
+
+
+@pytest.mark.parametrize("value, what", [(np.nan, "is NaN"), (-0.5, "is negative"), (np.inf, "is infinite"),
+                                         (-np.inf, "is negative")])
+def test_dense_scan_errors(value, what):
+    G = _dense(50, 9, 0.3, 3)
+    G[17, 4] = value
+    with pytest.raises(GateDataError, match=rf"row 117, atom 24 {what}"):
+        ker.dense_scan(G, row0=100, col0=20)
+
+
+def test_vector_stats_dense_and_csr_agree():
+    G = _dense(200, 13, 0.2, 4, np.float32)
+    f = np.zeros(13, dtype=np.int64)
+    s = np.zeros(13)
+    q = np.zeros(13)
+    ker.dense_vector_stats(G, f, s, q)
+    G64 = G.astype(np.float64)
+    np.testing.assert_array_equal(f, (G > 0).sum(0))
+    np.testing.assert_allclose(s, G64.sum(0), rtol=1e-13)
+    np.testing.assert_allclose(q, (G64 ** 2).sum(0), rtol=1e-13)
+    csr = ker.dense_to_csr(G, 0, ker.dense_scan(G))
+    f2, s2, q2 = np.zeros(5, dtype=np.int64), np.zeros(5), np.zeros(5)
+    ker.csr_vector_stats(csr, 4, 9, f2, s2, q2)
+    np.testing.assert_array_equal(f2, f[4:9])
+    np.testing.assert_allclose(s2, s[4:9], rtol=1e-13)
+    np.testing.assert_allclose(q2, q[4:9], rtol=1e-13)
+
+
+def test_combine_is_fixed_shape_and_does_not_mutate_inputs():
+    a, b = ker.new_partial(2, 4, 1), ker.new_partial(2, 4, 1)
+    a["sum"][:] = 1.0
+    b["sum"][:] = 2.0
+    a["rows"], b["rows"] = 3, 5
+    c = ker.combine_partials([a, b])
+    assert c["sum"].shape == (2, 4, 4) and (c["sum"] == 3.0).all() and c["rows"] == 8
+    assert (a["sum"] == 1.0).all()
+
+
+def test_symmetrise_diag():
+    U = np.triu(np.arange(16.0).reshape(4, 4))
+    S = ker.symmetrise_diag(U)
+    np.testing.assert_array_equal(S, S.T)
+    np.testing.assert_array_equal(np.triu(S), U)
+
+
+@pytest.mark.parametrize("tile", [1, 3, 5, 19])
+def test_scatter_group_matches_numpy_and_the_per_tile_kernel(tile):
+    """Several tiles at once (atom-major order) equal numpy and the one-tile kernel bit for bit."""
+    G = _dense(250, 19, 0.25, 6)
+    nb = -(-19 // tile)
+    tiles = [(i, j) for i in range(nb) for j in range(i, nb)][1::2]  # every other tile
+    csr = ker.dense_to_csr(G, 0, ker.dense_scan(G))
+    s = np.zeros((len(tiles), tile, tile))
+    c = np.zeros((len(tiles), tile, tile), dtype=np.int64)
+    ker.scatter_group(csr, 0, tile, nb, tiles, range(len(tiles)), s, c)
+    for q, (i, j) in enumerate(tiles):
+        i0, i1, j0, j1 = i * tile, min(19, (i + 1) * tile), j * tile, min(19, (j + 1) * tile)
+        ref_s, ref_c = _tile_ref(G, i0, i1, j0, j1, i == j)
+        np.testing.assert_allclose(s[q, :i1 - i0, :j1 - j0], ref_s, rtol=1e-12)
+        np.testing.assert_array_equal(c[q, :i1 - i0, :j1 - j0], ref_c)
+        s1 = np.zeros((tile, tile))
+        c1 = np.zeros((tile, tile), dtype=np.int64)
+        ker.scatter_pairs(csr, csr, i0, i1, j0, j1, i == j, s1, c1)
+        assert np.array_equal(s1, s[q]) and np.array_equal(c1, c[q])  # same summation order
