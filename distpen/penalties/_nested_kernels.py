@@ -1,9 +1,15 @@
 """Compiled kernels of the nested-prefix penalty: one fused pass over an ``n_rows × F`` target.
 
-Each row is first computed with the fast form ``r = sqrt(t² + ε²)`` (vectorised); a row in which
-``t² + ε²`` left the safe range (overflow for ``|t| > 1e150``, underflow of ``ε²`` for tiny ``ε``)
-is recomputed with the overflow-free ``r = hypot(t, ε)``, so results are finite and exact for
-any finite input at no cost to ordinary data.
+Each row is computed with the fast form ``r = sqrt(t² + ε²)`` (vectorised) while the same pass
+sums ``(t² + ε²)·0`` over the row: that sum is NaN exactly when the row holds NaN or ±inf or when
+``t²`` overflowed (``|t| > 1.3e154``). Such a row is then either reported (non-finite input: every
+kernel returns the first such row, or -1, and the caller raises) or recomputed with the
+overflow-free ``r = hypot(t, ε)``. When ``ε²`` itself underflows (``ε < 1e-150``) every row takes
+the ``hypot`` path. So results are finite and exact for any finite input, no separate validation
+pass reads the target, and ordinary data pays nothing.
+
+Fast-math here allows reassociation and contraction only (no ``nnan``/``ninf``), so NaN and inf
+tests stay meaningful.
 """
 
 from __future__ import annotations
@@ -11,124 +17,135 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-_OPTS = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")
+_FM = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_OPTS = dict(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
 _SAFE = dict(cache=True, nogil=True, error_model="numpy")
-_ROW_BLOCK = 2048
-_HI = 1e300
-_LO = 1e-300
+_ROW_BLOCK = 1024
+_TINY = 1e-300  # ε² below this: every row takes the hypot path
 
 
 @njit(**_SAFE)
-def _row_is_unsafe(t, r, e2):
-    qmax = 0.0
-    qmin = np.inf
+def _row_has_nonfinite(t, r):
     for i in range(t.shape[1]):
-        x = t[r, i]
-        q = x * x + e2
-        qmax = max(qmax, q)
-        qmin = min(qmin, q)
-    return qmax > _HI or qmin < _LO
+        if not np.isfinite(t[r, i]):
+            return True
+    return False
+
+
+@njit(**_SAFE)
+def _first_bad(bad):
+    for b in range(bad.shape[0]):
+        if bad[b] >= 0:
+            return bad[b]
+    return -1
 
 
 @njit(parallel=True, **_OPTS)
 def col_sums_r(t, eps):
-    """``Σ_n sqrt(t[n, i]² + ε²)`` for every column ``i`` (fixed-order partial sums: deterministic).
+    """``(Σ_n sqrt(t[n, i]² + ε²) for every column i, first non-finite row or -1)``.
 
-    Each block of rows is summed in one fast pass; a block in which some ``t² + ε²`` left the safe
-    range is summed again row by row, with ``hypot`` for the unsafe rows.
+    Fixed-order partial sums per row block (deterministic). A block in which some row was flagged
+    is summed again row by row: non-finite rows are reported, overflowing rows use ``hypot``.
     """
     n, f = t.shape
     nb = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
     part = np.zeros((nb, f))
+    bad = np.full(nb, -1, dtype=np.int64)
     e2 = eps * eps
+    safe_all = e2 < _TINY
     for blk in prange(nb):
         lo = blk * _ROW_BLOCK
         hi = min(n, lo + _ROW_BLOCK)
-        acc = np.zeros(f)
-        qmax = 0.0
-        qmin = np.inf
-        for r in range(lo, hi):
-            for i in range(f):
-                x = t[r, i]
-                q = x * x + e2
-                qmax = max(qmax, q)
-                qmin = min(qmin, q)
-                acc[i] += np.sqrt(q)
-        if qmax > _HI or qmin < _LO:
-            acc[:] = 0.0
+        flagged = safe_all
+        if not safe_all:
+            chk = 0.0
             for r in range(lo, hi):
-                if _row_is_unsafe(t, r, e2):
-                    for i in range(f):
-                        acc[i] += np.hypot(t[r, i], eps)
-                else:
-                    for i in range(f):
-                        x = t[r, i]
-                        acc[i] += np.sqrt(x * x + e2)
-        part[blk, :] = acc
+                for i in range(f):
+                    x = t[r, i]
+                    q = x * x + e2
+                    chk += q * 0.0
+                    part[blk, i] += np.sqrt(q)
+            flagged = chk != chk
+        if flagged:
+            for i in range(f):
+                part[blk, i] = 0.0
+            for r in range(lo, hi):
+                if _row_has_nonfinite(t, r):
+                    if bad[blk] < 0:
+                        bad[blk] = r
+                    continue
+                for i in range(f):
+                    x = t[r, i]
+                    q = x * x + e2
+                    if safe_all or not q * 0.0 == 0.0:
+                        part[blk, i] += np.hypot(x, eps)
+                    else:
+                        part[blk, i] += np.sqrt(q)
     out = np.zeros(f)
     for blk in range(nb):
         for i in range(f):
             out[i] += part[blk, i]
-    return out
+    return out, _first_bad(bad)
 
 
 @njit(parallel=True, **_OPTS)
+def _map_rows(t, W, eps, v, out, kind):
+    """``out = W_i · t/r`` (kind 0), ``W_i ε²/r³`` (kind 1) or ``W_i ε²/r³ · v`` (kind 2), ``r = sqrt(t² + ε²)``."""
+    n, f = t.shape
+    nb = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+    bad = np.full(nb, -1, dtype=np.int64)
+    e2 = eps * eps
+    safe_all = e2 < _TINY
+    for blk in prange(nb):
+        for r in range(blk * _ROW_BLOCK, min(n, (blk + 1) * _ROW_BLOCK)):
+            chk = 0.0
+            if not safe_all:
+                if kind == 0:
+                    for i in range(f):
+                        x = t[r, i]
+                        q = x * x + e2
+                        chk += q * 0.0
+                        out[r, i] = W[i] * x / np.sqrt(q)
+                elif kind == 1:
+                    for i in range(f):
+                        x = t[r, i]
+                        q = x * x + e2
+                        chk += q * 0.0
+                        out[r, i] = W[i] * e2 / (q * np.sqrt(q))
+                else:
+                    for i in range(f):
+                        x = t[r, i]
+                        q = x * x + e2
+                        chk += q * 0.0
+                        out[r, i] = W[i] * e2 / (q * np.sqrt(q)) * v[r, i]
+            if safe_all or chk != chk:
+                if _row_has_nonfinite(t, r):
+                    if bad[blk] < 0:
+                        bad[blk] = r
+                    continue
+                for i in range(f):
+                    x = t[r, i]
+                    rr = np.hypot(x, eps)
+                    s = eps / rr
+                    if kind == 0:
+                        out[r, i] = W[i] * (x / rr)
+                    elif kind == 1:
+                        out[r, i] = W[i] * (s * s) / rr
+                    else:
+                        out[r, i] = W[i] * (s * s) / rr * v[r, i]
+    return _first_bad(bad)
+
+
 def grad_into(t, W, eps, out):
-    """``out = W_i · t / sqrt(t² + ε²)``."""
-    n, f = t.shape
-    e2 = eps * eps
-    for r in prange(n):
-        qmax = 0.0
-        qmin = np.inf
-        for i in range(f):
-            x = t[r, i]
-            q = x * x + e2
-            qmax = max(qmax, q)
-            qmin = min(qmin, q)
-            out[r, i] = W[i] * x / np.sqrt(q)
-        if qmax > _HI or qmin < _LO:
-            for i in range(f):
-                x = t[r, i]
-                out[r, i] = W[i] * (x / np.hypot(x, eps))
+    """``out = W_i · t / sqrt(t² + ε²)``; returns the first non-finite row of ``t`` or -1."""
+    return _map_rows(t, W, eps, t, out, 0)
 
 
-@njit(parallel=True, **_OPTS)
 def hdiag_into(t, W, eps, out):
-    """``out = W_i · ε² / (t² + ε²)^{3/2}``."""
-    n, f = t.shape
-    e2 = eps * eps
-    for r in prange(n):
-        qmax = 0.0
-        qmin = np.inf
-        for i in range(f):
-            x = t[r, i]
-            q = x * x + e2
-            qmax = max(qmax, q)
-            qmin = min(qmin, q)
-            out[r, i] = W[i] * e2 / (q * np.sqrt(q))
-        if qmax > _HI or qmin < _LO:
-            for i in range(f):
-                rr = np.hypot(t[r, i], eps)
-                s = eps / rr
-                out[r, i] = W[i] * (s * s) / rr
+    """``out = W_i · ε² / (t² + ε²)^{3/2}``; returns the first non-finite row of ``t`` or -1."""
+    return _map_rows(t, W, eps, t, out, 1)
 
 
-@njit(parallel=True, **_OPTS)
 def hvp_into(t, W, eps, v, out):
-    """``out = W_i · ε² / (t² + ε²)^{3/2} · v``."""
-    n, f = t.shape
-    e2 = eps * eps
-    for r in prange(n):
-        qmax = 0.0
-        qmin = np.inf
-        for i in range(f):
-            x = t[r, i]
-            q = x * x + e2
-            qmax = max(qmax, q)
-            qmin = min(qmin, q)
-            out[r, i] = W[i] * e2 / (q * np.sqrt(q)) * v[r, i]
-        if qmax > _HI or qmin < _LO:
-            for i in range(f):
-                rr = np.hypot(t[r, i], eps)
-                s = eps / rr
-                out[r, i] = W[i] * (s * s) / rr * v[r, i]
+    """``out = W_i · ε² / (t² + ε²)^{3/2} · v``; returns the first non-finite row of ``t`` or -1."""
+    return _map_rows(t, W, eps, v, out, 2)

@@ -109,7 +109,8 @@ class NestedPrefixPenalty(Penalty):
 
     # ---------------------------------------------------------------- helpers
     def _check_target(self, t, name: str = "t") -> np.ndarray:
-        t = check_vector(t, name)
+        # finiteness is checked by the kernels in the same pass that computes (see _nonfinite)
+        t = check_vector(t, name, finite=False)
         n = t.shape[0]
         if n == 0:
             raise InvalidArgumentError(f"{name} is empty; expected n_rows × latent_dim = k × {self.latent_dim} entries")
@@ -119,6 +120,15 @@ class NestedPrefixPenalty(Penalty):
                 f"the target is n_rows × latent_dim, row-major"
             )
         return t
+
+    def _nonfinite(self, t: np.ndarray, bad_row: int, name: str = "t") -> None:
+        """Raise for the first non-finite entry of ``t`` a kernel found in row ``bad_row`` (if any)."""
+        if bad_row < 0:
+            return
+        F = self.latent_dim
+        row = t[bad_row * F:(bad_row + 1) * F]
+        i = bad_row * F + int(np.flatnonzero(~np.isfinite(row))[0])
+        raise InvalidArgumentError(f"{name} must be finite, but {name}[{i}] = {float(t[i])}")
 
     def _rows(self, t: np.ndarray) -> np.ndarray:
         return t.reshape(-1, self.latent_dim)
@@ -142,28 +152,32 @@ class NestedPrefixPenalty(Penalty):
         return np.cumsum(marks[::-1])[::-1].copy()
 
     # ---------------------------------------------------------------- operations
+    def _col_sums(self, t):
+        colsum, bad = K.col_sums_r(self._rows(t), self.eps)
+        self._nonfinite(t, bad)
+        return colsum
+
     def _value(self, t, rho):
-        colsum = K.col_sums_r(self._rows(t), self.eps)
-        return float(np.dot(self._column_weights(rho), colsum))
+        return float(np.dot(self._column_weights(rho), self._col_sums(t)))
 
     def _grad(self, t, rho):
         out = np.empty_like(t)
-        K.grad_into(self._rows(t), self._column_weights(rho), self.eps, self._rows(out))
+        self._nonfinite(t, K.grad_into(self._rows(t), self._column_weights(rho), self.eps, self._rows(out)))
         return out
 
     def _grad_rho(self, t, rho):
-        colsum = K.col_sums_r(self._rows(t), self.eps)
-        prefix_sums = np.cumsum(colsum)[self.prefix_sizes - 1]
+        prefix_sums = np.cumsum(self._col_sums(t))[self.prefix_sizes - 1]
         return self._lambdas(rho) * prefix_sums
 
     def _hessian_diag(self, t, rho):
         out = np.empty_like(t)
-        K.hdiag_into(self._rows(t), self._column_weights(rho), self.eps, self._rows(out))
+        self._nonfinite(t, K.hdiag_into(self._rows(t), self._column_weights(rho), self.eps, self._rows(out)))
         return out
 
     def _hvp(self, t, rho, v):
         out = np.empty_like(t)
-        K.hvp_into(self._rows(t), self._column_weights(rho), self.eps, self._rows(v), self._rows(out))
+        self._nonfinite(t, K.hvp_into(self._rows(t), self._column_weights(rho), self.eps, self._rows(v),
+                                      self._rows(out)))
         return out
 
     _gn_hvp = _hvp
