@@ -171,6 +171,8 @@ def run_newton(args) -> int:
 
 
 def register(sub) -> None:
+    from ._cli_stats import _common
+
     def common(p, out_required=False):
         p.add_argument("--penalty", required=True, help="penalty spec JSON (from penalty.to_spec())")
         p.add_argument("--pairs", help="PairTable store (decoder penalty)")
@@ -178,8 +180,7 @@ def register(sub) -> None:
         p.add_argument("--rho", help="comma-separated ρ slice (default zeros)")
         p.add_argument("--out", required=out_required, help="run store directory")
         p.add_argument("--overwrite", action="store_true", help="replace a different job in --out")
-        p.add_argument("--scheduler", help="Dask scheduler address (default: embedded LocalCluster)")
-        p.add_argument("--quiet", action="store_true")
+        _common(p)  # --scheduler, --quiet and the TLS options, as for every command
 
     p = sub.add_parser("evaluate", help="evaluate penalty operations on the cluster")
     common(p)

@@ -770,9 +770,16 @@ def pairs_identity(pairs: PairTable) -> dict:
     return {"n_pairs": len(pairs), "k_atoms": pairs.k_atoms, "blake2b": h.hexdigest()}
 
 
+def _executing_keys(dask_worker) -> list:
+    state = getattr(dask_worker, "state", None)
+    executing = getattr(state, "executing", ()) if state is not None else ()
+    return [getattr(ts, "key", ts) for ts in executing]
+
+
 def _quiesce(futures, timeout: float = 120.0) -> None:
-    """Wait until none of ``futures`` is still executing on a worker (a cancelled task that was
-    already running goes on until it returns), so the store is quiet when an error surfaces."""
+    """Wait until no worker still executes one of ``futures`` (a cancelled task that was already
+    running goes on until it returns, unknown to the scheduler), so the store is quiet when an
+    error surfaces."""
     if not futures:
         return
     client = futures[0].client
@@ -780,10 +787,10 @@ def _quiesce(futures, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            busy = {k for ks in client.processing().values() for k in ks}
+            running = {k for ks in client.run(_executing_keys).values() for k in ks}
         except Exception:  # noqa: BLE001 - best effort; the original error is what matters
             return
-        if not busy & keys:
+        if not running & keys:
             return
         time.sleep(0.05)
 
