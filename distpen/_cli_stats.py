@@ -31,25 +31,50 @@ def _client(args):
 
 
 class _Bar:
-    """A tqdm bar on stderr driven by ``update(done, total, **postfix)``."""
+    """Progress on stderr driven by ``update(done, total, **postfix)``: a tqdm bar on a terminal,
+    plain lines (at most one every few seconds, and the last) when stderr is not a terminal."""
 
-    def __init__(self, desc: str, unit: str, quiet: bool):
+    PLAIN_EVERY = 5.0
+
+    def __init__(self, desc: str, unit: str, quiet: bool, stream=None):
         self.desc, self.unit, self.quiet, self.bar = desc, unit, quiet, None
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_plain = None
+        self._last_line = None
 
     def update(self, done, total, **postfix):
         if self.quiet:
+            return
+        if not self.tty:
+            self._plain(int(done), int(total), postfix)
             return
         from tqdm import tqdm
 
         if self.bar is None:
             self.bar = tqdm(total=int(total), desc=self.desc, unit=self.unit, unit_scale=True,
-                            file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+                            file=self.stream, dynamic_ncols=True, mininterval=0.2)
         if self.bar.total != int(total):
             self.bar.total = int(total)
         self.bar.n = int(done)
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
+
+    def _plain(self, done: int, total: int, postfix: dict) -> None:
+        import time
+
+        now = time.monotonic()
+        final = total > 0 and done >= total
+        if not final and self._last_plain is not None and now - self._last_plain < self.PLAIN_EVERY:
+            return
+        pct = f" ({100.0 * done / total:.0f}%)" if total > 0 else ""
+        extra = "".join(f", {k} {v}" for k, v in postfix.items())
+        line = f"{self.desc}: {done:,}/{total:,} {self.unit}{pct}{extra}"
+        if line != self._last_line:
+            print(line, file=self.stream, flush=True)
+            self._last_line = line
+        self._last_plain = now
 
     def close(self):
         if self.bar is not None:
@@ -119,23 +144,23 @@ def run_pairs(args) -> int:
 def run_status(args) -> int:
     import os
 
+    from .dashboard import format_status as dashboard_table
+    from .dashboard import status_json
     from .errors import InvalidArgumentError
-    from .store import RunStore, is_url, staged_store
+    from .store import is_url, staged_store
 
     with staged_store(args.store, push=False) as local:  # a URL store is read from a local copy
         if not os.path.isdir(local) or (is_url(args.store) and not os.listdir(local)):
             raise InvalidArgumentError(f"no run store at {args.store!r}")
-        store = RunStore(local)
-        status = store.status()
-        if args.verify:
-            status["verify"] = store.verify()
+        # RunStore.status() plus per-stage summaries: fraction, throughput, ETA, staleness
+        status = status_json(local, verify=args.verify)
     if is_url(args.store):
         status["path"] = args.store
     if args.json:
-        print(json.dumps(status, indent=1, sort_keys=True))
+        print(json.dumps(status, indent=1, sort_keys=True, default=str))
     else:
-        print(format_status(status))
-    if args.verify and not status["verify"]["ok"]:
+        print(dashboard_table(status))
+    if args.verify and not status.get("verify", {"ok": True})["ok"]:
         return 1
     return 0
 

@@ -27,11 +27,12 @@ def test_pipeline_with_progress_bars(addr, tmp_path, capsys):
     assert main(["synth", g, "--tokens", "3000", "--atoms", "96", "--topk", "8", "--seed", "3",
                  "--row-chunk", "500", "--scheduler", addr]) == 0
     err = capsys.readouterr().err
-    assert "synth" in err and "3.00k/3.00k" in err                     # tqdm bar reached the end
+    # stderr is not a terminal here: plain progress lines, the last one at 100%
+    assert err.strip().splitlines()[-1] == "synth: 3,000/3,000 tok (100%)"
     assert main(["coactivation", g, "--out", st, "--tile", "40", "--row-chunk", "500",
                  "--scheduler", addr]) == 0
     cap = capsys.readouterr()
-    assert "coactivation" in cap.err and "tiles=6/6" in cap.err
+    assert "coactivation" in cap.err and "tiles 6/6" in cap.err and "\r" not in cap.err
     assert "3000 tokens × 96 atoms, tiles 6/6 (6 computed now)" in cap.out
     assert main(["pairs", st, "--out", pt, "--measure", "lift", "--top-m", "3", "--scheduler", addr]) == 0
     assert "pairs (lift) over 96 atoms" in capsys.readouterr().out
@@ -39,13 +40,40 @@ def test_pipeline_with_progress_bars(addr, tmp_path, capsys):
     assert table == dp.open_stats(st).pairs(measure="lift", top_m=3)
     assert main(["status", st, "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "coactivation   done" in out and "units 6/6" in out and "verify coactivation: ok" in out
+    assert "coactivation  done" in out and "6/6" in out and "verify coactivation: ok" in out
     assert main(["status", st, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["stages"]["coactivation"]["units_done"] == 6
     # re-running the same job resumes: nothing left to compute
     assert main(["coactivation", g, "--out", st, "--quiet", "--scheduler", addr]) == 0
     assert dp.open_stats(st)._job.progress()["units_computed"] == 0
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
+    import io
+
+    from distpen._cli_stats import _Bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = _Bar("work", "tok", quiet=False, stream=tty)
+    for done in (10, 50, 100):
+        bar.update(done, 100, tiles="3/6")
+    bar.close()
+    assert "\r" in tty.getvalue() and "100/100" in tty.getvalue()   # a redrawn tqdm bar
+    plain = io.StringIO()
+    bar = _Bar("work", "tok", quiet=False, stream=plain)
+    for done in (10, 50, 100):
+        bar.update(done, 100, tiles="3/6")
+    lines = plain.getvalue().splitlines()
+    assert lines[0] == "work: 10/100 tok (10%), tiles 3/6" and lines[-1].startswith("work: 100/100 tok (100%)")
+    assert len(lines) == 2  # throttled: the middle update falls within PLAIN_EVERY seconds
+    quiet = io.StringIO()
+    _Bar("work", "tok", quiet=True, stream=quiet).update(5, 10)
+    assert quiet.getvalue() == ""
 
 
 def test_status_reports_damage_with_exit_1(addr, tmp_path, capsys):
