@@ -126,3 +126,18 @@ def machine_line() -> str:
     except OSError:  # pragma: no cover
         load = ""
     return f"{os.cpu_count()} CPUs, numba threads {nthreads}, numpy {np.__version__}{load}"
+
+
+def rel_err(a, b) -> float:
+    """Largest absolute difference relative to the largest magnitude of the reference ``b``."""
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    scale = max(float(np.abs(b).max()), 1e-300)
+    return float(np.abs(a - b).max()) / scale
+
+
+def check(name: str, got, ref, rtol: float) -> float:
+    """Assert agreement with the reference before anything is timed; return the error."""
+    err = rel_err(got, ref)
+    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:g} against the reference"
+    return err

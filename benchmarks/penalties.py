@@ -24,10 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import fmt_ms, gemm_peak, machine_line, memcpy_bandwidth, print_table, time_best  # noqa: E402
+from _common import check as _check, rel_err, fmt_ms, gemm_peak, machine_line, memcpy_bandwidth, print_table, time_best  # noqa: E402
 
 import distpen as dp  # noqa: E402
-from distpen.pairs import PairTable  # noqa: E402
 
 RTOL = 1e-10
 
@@ -40,17 +39,8 @@ RTOL = 1e-10
 FLOPS_PER_MMP = {"value": 2, "grad": 6, "hvp": 14, "psd_majorizer_hvp": 8}
 
 
-def rel_err(a, b) -> float:
-    a = np.asarray(a, dtype=float)
-    b = np.asarray(b, dtype=float)
-    scale = max(float(np.abs(b).max()), 1e-300)
-    return float(np.abs(a - b).max()) / scale
-
-
 def check(name: str, got, ref, rtol: float = RTOL) -> float:
-    err = rel_err(got, ref)
-    assert err <= rtol, f"{name}: relative error {err:.3e} > {rtol:g} against the reference"
-    return err
+    return _check(name, got, ref, rtol)
 
 
 def random_pairs(rng, k_atoms: int, n_pairs: int):

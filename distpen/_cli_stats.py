@@ -265,14 +265,9 @@ def register(subparsers) -> None:
 
 
 def main_for_tests(argv) -> int:
-    """Parse ``argv`` with only these subcommands and run, mirroring ``distpen.cli.main``."""
-    from .errors import DistpenError
+    """Parse ``argv`` with only these subcommands and run, as ``distpen.cli.main`` does."""
+    from .cli import dispatch
 
     parser = argparse.ArgumentParser(prog="distpen")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DistpenError as exc:
-        print(f"distpen: error: {exc}", file=sys.stderr)
-        return 2
+    return dispatch(parser.parse_args(argv))

@@ -47,6 +47,14 @@ def _client():
     return get_client()
 
 
+def check_penalty(penalty) -> None:
+    """Refuse anything but the two penalties the distributed layer knows."""
+    if not isinstance(penalty, (DecoderIncoherencePenalty, NestedPrefixPenalty)):
+        raise InvalidArgumentError(
+            f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
+        )
+
+
 def check_ops(ops, v) -> tuple[str, ...]:
     """Validate the requested operations (and that ``v`` is there when a product is asked for)."""
     if isinstance(ops, str):
@@ -307,13 +315,10 @@ def evaluate(penalty: Penalty, t, rho, *, ops=("value", "grad"), v=None, out=Non
     split_every = 8 if split_every is None else check_positive_int(split_every, "split_every")
     if split_every < 2:
         raise InvalidArgumentError(f"split_every must be ≥ 2, got {split_every}")
+    check_penalty(penalty)
     if isinstance(penalty, DecoderIncoherencePenalty):
         return _evaluate_decoder(penalty, t, rho, ops, v, out, n_tasks, chunk, split_every, progress, overwrite)
-    if isinstance(penalty, NestedPrefixPenalty):
-        return _evaluate_nested(penalty, t, rho, ops, v, out, row_chunk, split_every, overwrite)
-    raise InvalidArgumentError(
-        f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
-    )
+    return _evaluate_nested(penalty, t, rho, ops, v, out, row_chunk, split_every, overwrite)
 
 
 def _open_out_group(out):
@@ -888,12 +893,9 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
         tile = check_positive_int(tile, "tile")
     if out is None:
         raise InvalidArgumentError("out is required: a directory (run store) to receive the tiles")
+    check_penalty(penalty)
     if isinstance(penalty, NestedPrefixPenalty):
         return _assemble_nested(penalty, t, rho, out, scale, tile, format, overwrite)
-    if not isinstance(penalty, DecoderIncoherencePenalty):
-        raise InvalidArgumentError(
-            f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
-        )
     pen = penalty
     rho = pen._check_rho(rho)
     n = pen.n_coef

@@ -48,14 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def dispatch(args) -> int:
+    """Run a parsed command; a :class:`DistpenError` becomes one ``distpen: error:`` line and exit 2."""
     try:
         return int(args.func(args) or 0)
     except DistpenError as exc:
         print(f"distpen: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    return dispatch(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

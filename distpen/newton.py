@@ -11,9 +11,9 @@ import numpy as np
 from ._sources import as_vector_source
 from ._validation import check_finite_scalar, check_positive_int, check_vector
 from ._workers import kernel_threads, threads_per_task
-from .assembly import DecoderPlan, _client, evaluate
+from .assembly import DecoderPlan, _client, check_penalty, evaluate
 from .errors import InvalidArgumentError
-from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty
+from .penalties import NestedPrefixPenalty
 
 __all__ = ["NewtonResult", "newton_step", "PRECONDITIONERS"]
 
@@ -99,12 +99,9 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     if precond not in PRECONDITIONERS:
         raise InvalidArgumentError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}")
     t0 = time.perf_counter()
+    check_penalty(penalty)
     if isinstance(penalty, NestedPrefixPenalty):
         return _newton_nested(penalty, t, rho, rhs, damping, precond, t0)
-    if not isinstance(penalty, DecoderIncoherencePenalty):
-        raise InvalidArgumentError(
-            f"penalty must be a DecoderIncoherencePenalty or NestedPrefixPenalty, got {type(penalty).__name__}"
-        )
     pen = penalty
     rho = pen._check_rho(rho)
     n = pen.n_coef
