@@ -65,6 +65,14 @@ def _parse_floats(text: str | None, name: str) -> np.ndarray:
         raise InvalidArgumentError(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
+def _inputs(args):
+    """The penalty, target and ρ slice every penalty command names (ρ defaults to zeros)."""
+    pen = load_penalty(args.penalty, args.pairs)
+    t = open_vector(args.t, "--t")
+    rho = _parse_floats(args.rho, "--rho") if args.rho is not None else np.zeros(pen.rho_count)
+    return pen, t, rho
+
+
 def _client(args):
     from ._cli_stats import _client as c
 
@@ -80,10 +88,8 @@ def _bar(desc, quiet):
 def run_evaluate(args) -> int:
     from .assembly import evaluate
 
-    pen = load_penalty(args.penalty, args.pairs)
-    t = open_vector(args.t, "--t")
+    pen, t, rho = _inputs(args)
     v = open_vector(args.v, "--v")
-    rho = _parse_floats(args.rho, "--rho") if args.rho is not None else np.zeros(pen.rho_count)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
     _client(args)
     bar = _bar("evaluate", args.quiet)
@@ -113,9 +119,7 @@ def run_evaluate(args) -> int:
 def run_assemble(args) -> int:
     from .assembly import assemble_majorizer
 
-    pen = load_penalty(args.penalty, args.pairs)
-    t = open_vector(args.t, "--t")
-    rho = _parse_floats(args.rho, "--rho") if args.rho is not None else np.zeros(pen.rho_count)
+    pen, t, rho = _inputs(args)
     _client(args)
     bar = _bar("assemble", args.quiet)
     try:
@@ -139,9 +143,7 @@ def run_newton(args) -> int:
     from .assembly import evaluate
     from .newton import newton_recorder, newton_step, save_newton_result
 
-    pen = load_penalty(args.penalty, args.pairs)
-    t = open_vector(args.t, "--t")
-    rho = _parse_floats(args.rho, "--rho") if args.rho is not None else np.zeros(pen.rho_count)
+    pen, t, rho = _inputs(args)
     _client(args)
     t_np = np.asarray(t[...] if hasattr(t, "store") else t, dtype=np.float64).ravel()
     if args.rhs is not None:

@@ -90,25 +90,6 @@ class BadGate:
 
 
 # ----------------------------------------------------------------------------- dense gates
-@njit(**_OPTS)
-def _dense_scan(x, out_nnz):
-    rows, cols = x.shape
-    for r in range(rows):
-        c_nnz = 0
-        for c in range(cols):
-            v = x[r, c]
-            if v != 0.0:
-                if v != v:
-                    return _NAN, r, c
-                if v < 0.0:
-                    return _NEG, r, c
-                if v == np.inf:
-                    return _INF, r, c
-                c_nnz += 1
-        out_nnz[r] = c_nnz
-    return _OK, -1, -1
-
-
 def dense_scan(x: np.ndarray, row0: int = 0, col0: int = 0, rows: tuple[int, int] | None = None) -> np.ndarray:
     """Validate a dense gate block and count its non-zeros per row.
 
@@ -131,14 +112,13 @@ def dense_scan(x: np.ndarray, row0: int = 0, col0: int = 0, rows: tuple[int, int
     GateDataError
         On the first NaN, ±inf or negative gate, naming its row and atom.
     """
-    nnz = np.empty(x.shape[0], dtype=np.int64)
     if x.size == 0:
-        nnz[:] = 0
-        return nnz
-    code, r, c = _dense_scan(x, nnz)
+        return np.zeros(x.shape[0], dtype=np.int64)
+    nnz = np.zeros((x.shape[0], 1), dtype=np.int64)  # one block spanning every column
+    code, r, c = _dense_scan_blocks(x, x.shape[1], nnz)
     if code != _OK:
         raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
-    return nnz
+    return nnz[:, 0]
 
 
 @njit(**_OPTS)
