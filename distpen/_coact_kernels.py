@@ -15,8 +15,11 @@ Two routes, chosen per (row chunk, tile) from the data by :func:`choose_route`:
 * ``"blas"``: float64 GEMM ``G_Iᵀ G_J`` (SYRK on diagonal tiles) for the sums, and a float32
   GEMM/SYRK of the 0/1 firing indicators for the counts (exact while a chunk has ≤ 2²⁴ rows).
 * ``"scatter"``: each row's non-zero gates as a sorted sparse row (CSR), and every in-tile pair
-  product scattered into the accumulators by a compiled loop (:func:`scatter_group`, atom-major so
-  that the updates for one atom stay in one cached row). Top-k gates always take this route.
+  product scattered into the accumulators by a compiled loop (:func:`scatter_group`: the products
+  are first bucketed by their row atom, reading the chunk sequentially, then added atom by atom so
+  that the updates for one atom stay in one cached row). Top-k gates always take this route. Every
+  accumulator entry receives its products in token order, so the scatter route's sums do not
+  depend on the row chunking at all.
 
 Every kernel is sequential with a fixed loop order and no fast-math, so a given row chunking and
 reduction tree give bit-identical sums. Invalid data (NaN, ±inf, negative gate, repeated or
@@ -28,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._alloc import carve, carve_bytes, zeros
 from .errors import GateDataError
 
 __all__ = [
@@ -38,7 +42,9 @@ __all__ = [
     "topk_block_csr",
     "scatter_pairs",
     "scatter_group",
+    "ScatterWorkspace",
     "dense_scan_blocks",
+    "dense_scan_stats",
     "csr_vector_stats",
     "dense_vector_stats",
     "blas_tile",
@@ -175,39 +181,49 @@ def dense_vector_stats(x: np.ndarray, fire: np.ndarray, gsum: np.ndarray, gsq: n
 
 # ----------------------------------------------------------------------------- top-k gates
 @njit(**_OPTS)
-def _topk_sorted_csr(si, sv, lo, hi, k_atoms, indptr, cols, vals):
-    """``si``/``sv``: each row's indices sorted ascending with their values."""
-    rows, k = si.shape
+def _topk_rows_csr(idx, val, lo, hi, k_atoms, indptr, cols, vals):
+    """Each row's selected slots, insertion-sorted by atom (``k`` is small), into CSR arrays."""
+    rows, k = idx.shape
+    ti = np.empty(k, dtype=np.int64)
+    tv = np.empty(k, dtype=np.float64)
     p = 0
     for r in range(rows):
-        prev = -2
+        m = 0
         for s in range(k):
-            a = si[r, s]
+            a = np.int64(idx[r, s])
             if a < -1 or a >= k_atoms:
-                return _RANGE, r, a, p
+                return _RANGE, r, a, 0.0
             if a == -1:
                 continue
-            v = sv[r, s]
+            v = np.float64(val[r, s])
             if v == 0.0 or a < lo or a >= hi:
                 continue
             if v != v:
-                return _NAN, r, a, p
+                return _NAN, r, a, v
             if v < 0.0:
-                return _NEG, r, a, p
+                return _NEG, r, a, v
             if v == np.inf:
-                return _INF, r, a, p
-            if a == prev:
-                return _REPEAT, r, a, p
-            prev = a
-            cols[p] = a
-            vals[p] = v
+                return _INF, r, a, v
+            t = m
+            while t > 0 and ti[t - 1] > a:
+                ti[t] = ti[t - 1]
+                tv[t] = tv[t - 1]
+                t -= 1
+            if t > 0 and ti[t - 1] == a:
+                return _REPEAT, r, a, v
+            ti[t] = a
+            tv[t] = v
+            m += 1
+        for t in range(m):
+            cols[p] = ti[t]
+            vals[p] = tv[t]
             p += 1
         indptr[r + 1] = p
-    return _OK, -1, -1, p
+    return _OK, -1, p, 0.0
 
 
 def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: int, row0: int = 0,
-                   rows: tuple[int, int] | None = None):
+                   rows: tuple[int, int] | None = None, workspace: ScatterWorkspace | None = None):
     """Sparse rows of the top-k entries whose atom lies in ``[lo, hi)``, sorted by atom.
 
     Empty slots (index −1 or value 0) are skipped. Every slot's index is range-checked, whether or
@@ -222,6 +238,10 @@ def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: 
     k_atoms : int
     row0 : int
         Global index of row 0 (for error messages).
+    rows : (int, int), optional
+        The row chunk to name in an error.
+    workspace : ScatterWorkspace, optional
+        Buffers to build the result in; it is then valid only until the workspace's next use.
 
     Returns
     -------
@@ -235,25 +255,23 @@ def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: 
         On an index outside ``[-1, k_atoms)``, a NaN/inf/negative value or a repeated index.
     """
     n, k = idx.shape
-    indptr = np.zeros(n + 1, dtype=np.int64)
     if idx.size == 0:
-        return indptr, np.zeros(0, dtype=np.int64), np.zeros(0)
-    # sort each row by atom: packed keys (index in the high bits, slot in the low bits), one sort
-    shift = max(1, int(k - 1).bit_length())
-    key = (idx.astype(np.int64) << shift) | np.arange(k, dtype=np.int64)[None, :]
-    key.sort(axis=1)
-    si = key >> shift
-    sv = np.take_along_axis(val, key & ((1 << shift) - 1), axis=1)
-    cols = np.empty(idx.size, dtype=np.int64)
-    vals = np.empty(idx.size, dtype=np.float64)
-    code, r, a, p = _topk_sorted_csr(si, sv, lo, hi, k_atoms, indptr, cols, vals)
+        return np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+    if workspace is None:
+        indptr = np.empty(n + 1, dtype=np.int64)
+        cols = np.empty(idx.size, dtype=np.int64)
+        vals = np.empty(idx.size, dtype=np.float64)
+    else:  # views into reused buffers, valid until the workspace's next call
+        indptr = workspace.get("csr_indptr", n + 1, np.int64)
+        cols = workspace.get("csr_cols", idx.size, np.int64)
+        vals = workspace.get("csr_vals", idx.size, np.float64)
+    indptr[0] = 0
+    code, r, a, v = _topk_rows_csr(idx, val, lo, hi, k_atoms, indptr, cols, vals)
     if code != _OK:
         what = "top-k index" if code == _RANGE else "top-k gate"
-        if code in (_RANGE, _REPEAT):
-            value = int(a)
-        else:
-            value = float(sv[r][si[r] == a][0])
+        value = int(a) if code in (_RANGE, _REPEAT) else float(v)
         raise BadGate(code, row0 + r, int(a), value).error(rows or (row0, row0 + n), what)
+    p = int(indptr[n])
     return indptr, cols[:p], vals[:p]
 
 
@@ -320,55 +338,126 @@ def scatter_pairs(csr_a, csr_b, i0: int, i1: int, j0: int, j1: int, diag: bool,
 
 
 @njit(**_OPTS)
-def _scatter_group(indptr, cols, vals, lo, T, slot_of, acc_sum, acc_cnt):
+def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, start, fill, buf_off, buf_val):
     rows = indptr.shape[0] - 1
-    nnz = indptr[rows]
     n_blocks = slot_of.shape[0]
-    span = n_blocks * T
-    # column-major view of the chunk (counting sort by atom, stable in row order)
-    start = np.zeros(span + 1, dtype=np.int64)
-    for p in range(nnz):
-        start[cols[p] - lo + 1] += 1
-    for a in range(span):
-        start[a + 1] += start[a]
-    fill = start[:-1].copy()
-    pos = np.empty(nnz, dtype=np.int64)
-    row_of = np.empty(nnz, dtype=np.int64)
-    for r in range(rows):
-        for p in range(indptr[r], indptr[r + 1]):
-            a = cols[p] - lo
-            e = fill[a]
-            pos[e] = p
-            row_of[e] = r
-            fill[a] = e + 1
+    span = start.shape[0] - 1
+    TT = T * T
+    cap = buf_val.shape[0]
     row_used = np.zeros(n_blocks, dtype=np.bool_)
     for I in range(n_blocks):
         for J in range(n_blocks):
             if slot_of[I, J] >= 0:
                 row_used[I] = True
-    # atom-major accumulation: atom a only touches row a of its tiles, which stays in cache
-    for a in range(span):
-        I = a // T
-        if not row_used[I]:
-            continue
-        ai = a - I * T
-        for e in range(start[a], start[a + 1]):
-            p = pos[e]
-            r = row_of[e]
-            xa = vals[p]
-            for q in range(p, indptr[r + 1]):  # the row's atoms b ≥ a (sorted)
-                b = cols[q] - lo
-                J = b // T
-                s = slot_of[I, J]
-                if s < 0:
+    r = 0
+    while r < rows:
+        # pass 1: room for each row atom's pairs (every later atom of its row: a bound, O(nnz))
+        # over rows [r, r_end) while the bound fits the buffers
+        start[:] = 0
+        total = 0
+        r_end = r
+        while r_end < rows:
+            p0, p1 = indptr[r_end], indptr[r_end + 1]
+            n_row = 0
+            for p in range(p0, p1):
+                if row_used[blk[cols[p] - lo]]:
+                    n_row += p1 - p
+            if total + n_row > cap:
+                if r_end == r:  # one row alone exceeds the buffers: add it directly
+                    for p in range(p0, p1):
+                        a = cols[p] - lo
+                        I = blk[a]
+                        if not row_used[I]:
+                            continue
+                        xa = vals[p]
+                        for q in range(p, p1):
+                            b = cols[q] - lo
+                            J = blk[b]
+                            s = slot_of[I, J]
+                            if s >= 0:
+                                o = s * TT + (a - I * T) * T + (b - J * T)
+                                acc_sum[o] += xa * vals[q]
+                                acc_cnt[o] += 1
+                    r_end += 1
+                break
+            for p in range(p0, p1):
+                a = cols[p] - lo
+                if row_used[blk[a]]:
+                    start[a + 1] += p1 - p
+            total += n_row
+            r_end += 1
+        if total > 0:
+            for a in range(span):
+                start[a + 1] += start[a]
+            for a in range(span):
+                fill[a] = start[a]
+            # pass 2: rows in order, each pair product appended to its row atom's bucket
+            for rr in range(r, r_end):
+                p0, p1 = indptr[rr], indptr[rr + 1]
+                for p in range(p0, p1):
+                    a = cols[p] - lo
+                    I = blk[a]
+                    if not row_used[I]:
+                        continue
+                    xa = vals[p]
+                    e = fill[a]
+                    for q in range(p, p1):
+                        b = cols[q] - lo
+                        J = blk[b]
+                        s = slot_of[I, J]
+                        if s >= 0:
+                            buf_off[e] = s * TT + (b - J * T)
+                            buf_val[e] = xa * vals[q]
+                            e += 1
+                    fill[a] = e
+            # pass 3: atom by atom; all of atom a's updates land in row a of its tiles (cache resident)
+            for a in range(span):
+                e0, e1 = start[a], fill[a]
+                if e0 == e1:
                     continue
-                bj = b - J * T
-                acc_sum[s, ai, bj] += xa * vals[q]
-                acc_cnt[s, ai, bj] += 1
+                base = (a - blk[a] * T) * T
+                for e in range(e0, e1):
+                    o = buf_off[e] + base
+                    acc_sum[o] += buf_val[e]
+                    acc_cnt[o] += 1
+        r = r_end
+
+
+#: pair products bucketed per pass of :func:`scatter_group` (12 bytes each: 96 MiB)
+SCATTER_BUFFER_PAIRS = 1 << 23
+
+
+class ScatterWorkspace:
+    """Buffers of :func:`scatter_group`, kept across the row chunks of a task.
+
+    Reusing them avoids faulting in fresh pages on every chunk, which otherwise costs as much as
+    the scatter itself. ``cap`` bounds the pair products bucketed per pass (12 bytes each).
+    """
+
+    def __init__(self, cap: int = SCATTER_BUFFER_PAIRS):
+        self.cap = max(1, int(cap))
+        self._bufs = {}
+        self._blk_key = None
+
+    def get(self, name: str, size: int, dtype) -> np.ndarray:
+        """A buffer of at least ``size`` elements (contents undefined), grown when needed."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < size or buf.dtype != np.dtype(dtype):
+            buf = np.empty(max(int(size), 1), dtype=dtype)
+            self._bufs[name] = buf
+        return buf[:size]
+
+    def block_of(self, span: int, tile: int) -> np.ndarray:
+        """``a // tile`` for every local atom ``a < span``."""
+        blk = self.get("blk", span, np.int64)
+        if self._blk_key != (span, tile):
+            np.floor_divide(np.arange(span, dtype=np.int64), tile, out=blk)
+            self._blk_key = (span, tile)
+        return blk
 
 
 def scatter_group(csr, lo: int, tile: int, n_blocks: int, tiles, slots, acc_sum: np.ndarray,
-                  acc_cnt: np.ndarray) -> None:
+                  acc_cnt: np.ndarray, workspace: ScatterWorkspace | None = None) -> None:
     """Scatter the pair products of several tiles from one sparse row chunk (the scatter route).
 
     Parameters
@@ -386,21 +475,41 @@ def scatter_group(csr, lo: int, tile: int, n_blocks: int, tiles, slots, acc_sum:
         Tiles to accumulate, as block indices *local to the span* (``I ≤ J``).
     slots : sequence of int
         For each tile, its index along the first axis of the accumulators.
-    acc_sum : array of shape (n_slots, T, T), float64
-    acc_cnt : array of shape (n_slots, T, T), int64
+    acc_sum : array of shape (n_slots, T, T), float64, C-contiguous
+    acc_cnt : array of shape (n_slots, T, T), int64, C-contiguous
+    workspace : ScatterWorkspace, optional
+        Buffers to reuse across calls (a fresh one otherwise).
 
     Notes
     -----
-    Gustavson order: the chunk is transposed (counting sort by atom) and the pairs are generated
-    atom by atom, so that all updates for atom ``a`` land in row ``a`` of its tiles, which stays in
-    cache. Each accumulator entry still receives its contributions in row (token) order.
+    Rows are taken in blocks whose in-group pairs fit the workspace. For each block, every pair
+    product ``g_a·g_b`` (``a ≤ b``, tile ``(I(a), J(b))`` in the group) is appended, row by row, to
+    a bucket of its row atom ``a``; then the buckets are added atom by atom, so that all updates of
+    atom ``a`` land in row ``a`` of its tiles while it stays in cache, and the chunk's rows are
+    read sequentially. Each accumulator entry receives its contributions in row (token) order, as
+    in :func:`scatter_pairs`, so the two kernels agree bit for bit.
     """
     if not len(tiles):
         return
-    slot_of = np.full((int(n_blocks), int(n_blocks)), -1, dtype=np.int64)
+    T, nb = int(tile), int(n_blocks)
+    if acc_sum.ndim != 3 or acc_sum.shape[1:] != (T, T) or acc_cnt.shape != acc_sum.shape:
+        raise ValueError(f"accumulators must have shape (n_slots, {T}, {T}), got {acc_sum.shape} "
+                         f"and {acc_cnt.shape}")
+    if not (acc_sum.flags.c_contiguous and acc_cnt.flags.c_contiguous):
+        raise ValueError("accumulators must be C-contiguous")
+    slot_of = np.full((nb, nb), -1, dtype=np.int64)
     for (i, j), s in zip(tiles, slots):
         slot_of[i, j] = s
-    _scatter_group(csr[0], csr[1], csr[2], int(lo), int(tile), slot_of, acc_sum, acc_cnt)
+    ws = workspace if workspace is not None else ScatterWorkspace()
+    indptr, cols, vals = csr
+    span = nb * T
+    row_nnz = np.diff(indptr)
+    cap = max(1, min(ws.cap, int(np.dot(row_nnz, row_nnz + 1) // 2)))
+    off_dtype = np.int32 if acc_sum.size < 2**31 else np.int64
+    _scatter_group(indptr, cols, vals, int(lo), T, slot_of, ws.block_of(span, T), acc_sum.reshape(-1),
+                   acc_cnt.reshape(-1), ws.get("start", span + 1, np.int64), ws.get("fill", span, np.int64),
+                   ws.get("off", cap, off_dtype),
+                   ws.get("val", cap, np.float64))
 
 
 @njit(**_OPTS)
@@ -437,6 +546,53 @@ def dense_scan_blocks(x: np.ndarray, tile: int, row0: int = 0, col0: int = 0,
     if x.size == 0:
         return nnz
     code, r, c = _dense_scan_blocks(x, tile, nnz)
+    if code != _OK:
+        raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
+    return nnz
+
+
+@njit(**_OPTS)
+def _dense_scan_stats(x, T, out_nnz, fire, gsum, gsq):
+    rows, cols = x.shape
+    for r in range(rows):
+        for c in range(cols):
+            v = x[r, c]
+            if v != 0.0:
+                if v != v:
+                    return _NAN, r, c
+                if v < 0.0:
+                    return _NEG, r, c
+                if v == np.inf:
+                    return _INF, r, c
+                out_nnz[r, c // T] += 1
+                w = np.float64(v)
+                fire[c] += 1
+                gsum[c] += w
+                gsq[c] += w * w
+    return _OK, -1, -1
+
+
+def dense_scan_stats(x: np.ndarray, tile: int, fire: np.ndarray, gsum: np.ndarray, gsq: np.ndarray,
+                     row0: int = 0, col0: int = 0, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """:func:`dense_scan_blocks` that also adds each column's firing count, gate sum and squared sum.
+
+    One pass over the block: ``fire``, ``gsum``, ``gsq`` (length ≥ n_cols; int64, float64,
+    float64) receive the column's non-zero gates in row order, as :func:`csr_vector_stats` does for
+    sparse rows, so the dense and top-k forms of the same gates give bit-identical vectors.
+
+    Returns
+    -------
+    nnz : array of shape (n_rows, ceil(n_cols / tile)), int64
+
+    Raises
+    ------
+    GateDataError
+        On the first NaN, ±inf or negative gate, naming its row and atom.
+    """
+    nnz = np.zeros((x.shape[0], max(1, -(-x.shape[1] // tile))), dtype=np.int64)
+    if x.size == 0:
+        return nnz
+    code, r, c = _dense_scan_stats(x, tile, nnz, fire, gsum, gsq)
     if code != _OK:
         raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
     return nnz
@@ -542,17 +698,29 @@ def choose_route(nnz_i: np.ndarray, nnz_j: np.ndarray | None, n_i: int, n_j: int
 
 
 # ----------------------------------------------------------------------------- partials
-def new_partial(n_tiles: int, tile: int, n_diag: int) -> dict:
+def _partial_specs(n_tiles: int, tile: int, n_diag: int):
+    return [((n_tiles, tile, tile), np.float64), ((n_tiles, tile, tile), np.int64),
+            ((n_diag, tile), np.int64), ((n_diag, tile), np.float64), ((n_diag, tile), np.float64)]
+
+
+def new_partial(n_tiles: int, tile: int, n_diag: int, buffer: np.ndarray | None = None) -> dict:
     """A zero partial: ``rows``; ``sum``/``cnt`` of shape (n_tiles, T, T); ``fire``/``gsum``/``gsq``
-    of shape (n_diag, T)."""
-    return {
-        "rows": 0,
-        "sum": np.zeros((n_tiles, tile, tile), dtype=np.float64),
-        "cnt": np.zeros((n_tiles, tile, tile), dtype=np.int64),
-        "fire": np.zeros((n_diag, tile), dtype=np.int64),
-        "gsum": np.zeros((n_diag, tile), dtype=np.float64),
-        "gsq": np.zeros((n_diag, tile), dtype=np.float64),
-    }
+    of shape (n_diag, T).
+
+    With ``buffer`` (a uint8 array of at least :func:`partial_nbytes` bytes) the arrays are views
+    into it; otherwise they are freshly allocated.
+    """
+    specs = _partial_specs(n_tiles, tile, n_diag)
+    if buffer is None:
+        arrays = [zeros(shape, dtype) for shape, dtype in specs]
+    else:
+        arrays = carve(buffer, specs)
+    return {"rows": 0, **dict(zip(("sum", "cnt", "fire", "gsum", "gsq"), arrays))}
+
+
+def partial_nbytes(n_tiles: int, tile: int, n_diag: int) -> int:
+    """Bytes of a partial laid out in one buffer (see :func:`new_partial`)."""
+    return carve_bytes(_partial_specs(n_tiles, tile, n_diag))
 
 
 def combine_partials(parts) -> dict:
@@ -564,13 +732,19 @@ def combine_partials(parts) -> dict:
     if isinstance(parts, dict):
         return parts
     parts = list(parts)
-    out = {name: (v.copy() if isinstance(v, np.ndarray) else v) for name, v in parts[0].items()}
-    for p in parts[1:]:
-        for name in out:
-            if isinstance(out[name], np.ndarray):
-                out[name] += p[name]
-            else:
-                out[name] = out[name] + p[name]
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for name, v in parts[0].items():
+        if isinstance(v, np.ndarray):
+            acc = np.add(v, parts[1][name])  # one pass into a new array (no copy, then add)
+            for p in parts[2:]:
+                acc += p[name]
+        else:
+            acc = v
+            for p in parts[1:]:
+                acc = acc + p[name]
+        out[name] = acc
     return out
 
 

@@ -159,3 +159,76 @@ def test_scatter_group_matches_numpy_and_the_per_tile_kernel(tile):
         c1 = np.zeros((tile, tile), dtype=np.int64)
         ker.scatter_pairs(csr, csr, i0, i1, j0, j1, i == j, s1, c1)
         assert np.array_equal(s1, s[q]) and np.array_equal(c1, c[q])  # same summation order
+
+
+def test_dense_scan_stats_is_one_pass_of_scan_and_vector_stats():
+    """The fused scan counts like dense_scan_blocks and sums like the CSR kernel (row order, bit for bit)."""
+    G = _dense(300, 21, 0.2, 7, np.float32)
+    fire, gsum, gsq = np.zeros(21, dtype=np.int64), np.zeros(21), np.zeros(21)
+    nnz = ker.dense_scan_stats(G, 5, fire, gsum, gsq)
+    np.testing.assert_array_equal(nnz, ker.dense_scan_blocks(G, 5))
+    f2, s2, q2 = np.zeros(21, dtype=np.int64), np.zeros(21), np.zeros(21)
+    ker.csr_vector_stats(ker.dense_to_csr(G, 0, ker.dense_scan(G)), 0, 21, f2, s2, q2)
+    assert np.array_equal(fire, f2) and np.array_equal(gsum, s2) and np.array_equal(gsq, q2)
+    G64 = G.astype(np.float64)
+    np.testing.assert_allclose(gsq, (G64 ** 2).sum(0), rtol=1e-13)
+    G[150, 3] = np.nan
+    with pytest.raises(GateDataError, match=r"row 1150, atom 13 is NaN"):
+        ker.dense_scan_stats(G, 5, fire, gsum, gsq, row0=1000, col0=10)
+
+
+@pytest.mark.parametrize("cap", [1, 7, 300, 1 << 20])
+def test_scatter_group_passes_do_not_change_a_bit(cap):
+    """However few pair products the workspace holds (several passes, rows too long for one pass
+    added directly), the accumulators equal the per-tile kernel bit for bit, and one workspace
+    serves several chunks."""
+    G = _dense(400, 23, 0.3, 8)
+    tile, nb = 5, 5
+    tiles = [(i, j) for i in range(nb) for j in range(i, nb)]
+    s = np.zeros((len(tiles), tile, tile))
+    c = np.zeros((len(tiles), tile, tile), dtype=np.int64)
+    ws = ker.ScatterWorkspace(cap)
+    ref_s, ref_c = np.zeros_like(s), np.zeros_like(c)
+    for lo, hi in ((0, 170), (170, 400)):  # two row chunks into the same accumulators
+        part = G[lo:hi]
+        csr = ker.dense_to_csr(part, 0, ker.dense_scan(part))
+        ker.scatter_group(csr, 0, tile, nb, tiles, range(len(tiles)), s, c, ws)
+        for q, (i, j) in enumerate(tiles):
+            ker.scatter_pairs(csr, csr, i * tile, min(23, (i + 1) * tile), j * tile, min(23, (j + 1) * tile),
+                              i == j, ref_s[q], ref_c[q])
+    assert np.array_equal(s, ref_s) and np.array_equal(c, ref_c)
+    F = (G > 0).astype(np.int64)
+    np.testing.assert_array_equal(c[tiles.index((1, 3))], F[:, 5:10].T @ F[:, 15:20])
+
+
+def test_scatter_group_rejects_bad_accumulators():
+    csr = ker.dense_to_csr(np.eye(4), 0, np.ones(4, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"shape \(n_slots, 2, 2\)"):
+        ker.scatter_group(csr, 0, 2, 2, [(0, 0)], [0], np.zeros((1, 2, 3)), np.zeros((1, 2, 3), dtype=np.int64))
+    s = np.zeros((1, 2, 4))[:, :, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ker.scatter_group(csr, 0, 2, 2, [(0, 0)], [0], s, np.zeros((1, 2, 2), dtype=np.int64))
+
+
+def test_topk_csr_in_a_workspace_equals_fresh_arrays():
+    rng = np.random.default_rng(9)
+    idx = np.argsort(rng.random((200, 40)), axis=1)[:, :8].astype(np.int32)
+    idx[rng.random((200, 8)) < 0.2] = -1
+    val = rng.random((200, 8)).astype(np.float32)
+    ws = ker.ScatterWorkspace()
+    for lo, hi in ((0, 40), (10, 25)):
+        fresh = ker.topk_block_csr(idx, val, lo, hi, 40)
+        reused = ker.topk_block_csr(idx, val, lo, hi, 40, workspace=ws)
+        for a, b in zip(fresh, reused):
+            assert np.array_equal(a, b)
+        assert np.all(np.diff(fresh[1][fresh[0][0]:fresh[0][1]]) > 0)  # sorted within a row
+
+
+def test_partial_in_a_reused_buffer_is_zeroed():
+    n = ker.partial_nbytes(3, 4, 2)
+    buf = np.full(n + 64, 255, dtype=np.uint8)
+    p = ker.new_partial(3, 4, 2, buf)
+    assert p["sum"].shape == (3, 4, 4) and p["cnt"].dtype == np.int64 and p["gsq"].shape == (2, 4)
+    assert all(not p[k].any() for k in ("sum", "cnt", "fire", "gsum", "gsq"))
+    assert all(np.shares_memory(p[k], buf) for k in ("sum", "cnt", "fire", "gsum", "gsq"))
+    assert p["sum"].flags.c_contiguous and p["sum"].ctypes.data % 64 == 0

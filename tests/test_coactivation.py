@@ -348,6 +348,80 @@ def test_out_of_core_within_worker_memory_limit(tmp_path, dask_client):
     assert np.array_equal(full(other, "pair_sum"), small_ps)
 
 
+def test_default_split_every_streams_when_the_tiles_make_enough_groups():
+    mem = 2**30  # one accumulator per task may take mem/6: ten 1024-tiles
+    assert coact.default_split_every(mem, 8192, 10, 1024) == 10          # 36 tiles: 4 groups
+    assert coact.default_split_every(mem, 8192, 10, None) == 10          # default tile: the same
+    assert coact.default_split_every(mem, 2048, 10, 1024) == coact.DEFAULT_SPLIT_EVERY  # 3 tiles, 1 group
+    assert coact.default_split_every(mem, 8192, 1, 1024) == coact.DEFAULT_SPLIT_EVERY   # one row chunk
+
+
+def test_groups_are_balanced():
+    tiles = coact._tiles(16)  # 136 tiles, at most 44 per group: 4 groups of 34, not 44/44/44/4
+    groups = coact._group_tiles(tiles, 1024, 4 * 2**30, 1)
+    assert [len(g) for g in groups] == [34, 34, 34, 34] and [t for g in groups for t in g] == tiles
+
+
+@pytest.mark.parametrize("form", ["topk", "dense"])
+def test_streaming_plan_one_task_per_group(client, tmp_path, form):
+    """split_every ≥ the number of row chunks: one task per tile group reads every chunk and writes
+    its tiles itself (no leaf, combine or write task); pooled buffers are dropped afterwards."""
+    from distributed import get_task_stream
+
+    from distpen._alloc import pooled_bytes
+
+    G = topk_gates(n=500)
+    idx, val = to_topk(G, 6)
+    gates = dp.TopKGates(idx, val, 29) if form == "topk" else dp.DenseGates(G)
+    with get_task_stream(client=client) as ts:
+        st = dp.coactivation_stats(gates, tmp_path / "st", row_chunk=60, tile=5, split_every=100)
+    assert_stats(st, reference(G))
+    assert st.attrs["split_every"] == 100 and st._job.progress()["n_leaves_per_group"] == 1
+    names = {str(d["key"]).split("-")[2] for d in ts.data if str(d["key"]).startswith("distpen-coact-")}
+    assert names == {"stream"}, names
+    assert set(client.run(pooled_bytes).values()) == {0}
+    if form == "topk":
+        # the scatter kernel adds every row in token order: one 500-row chunk gives the same bits
+        one = dp.coactivation_stats(gates, tmp_path / "one", row_chunk=500, tile=5)
+        for name in ("pair_sum", "pair_count", "gate_sum", "gate_sq_sum"):
+            a, b = (full(x, name) if name.startswith("pair") else getattr(x, name) for x in (st, one))
+            assert np.array_equal(a, b), name
+
+
+def test_streaming_topk_within_worker_memory_limit(tmp_path):
+    """Workers of 500 MiB stream top-k gates (2 GB as dense float32) into a 1 GB statistics array:
+    the default plan streams (8 tile groups), each task stays under the limit, and the result
+    equals scipy.sparse."""
+    import scipy.sparse as sp
+    from distributed import Client, LocalCluster
+
+    limit = 500 * 2**20
+    n, K, k = 60_000, 8192, 16
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=limit,
+                      dashboard_address=":0", host="127.0.0.1") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        g = dp.synth_gates(tmp_path / "g", n, K, topk=k, seed=5, client=c)
+        assert n * K * 4 > 3 * limit and K * K * 16 > 2 * limit
+        pids = c.run(os.getpid)
+        c.run(_rss_sampler)
+        st = dp.coactivation_stats(g, tmp_path / "st", tile=1024, client=c)
+        peaks = c.run(_rss_peak)
+        assert c.run(os.getpid) == pids
+        p = st._job.progress()
+    assert max(peaks.values()) < limit, {a: q / 2**20 for a, q in peaks.items()}
+    assert p["n_groups"] >= 4 and p["n_leaves_per_group"] == 1 and st.attrs["split_every"] >= 2
+    idx, val = g.indices[:], g.values[:]
+    keep = (idx >= 0) & (val > 0)
+    A = sp.csr_array((val[keep].astype(np.float64), (np.nonzero(keep)[0], idx[keep])), shape=(n, K))
+    ref = (A.T @ A).tocsr()
+    for I, J in [(0, 0), (0, 7), (3, 5), (7, 7)]:
+        t = st.tile(I, J)
+        np.testing.assert_allclose(t.pair_sum, ref[t.rows, t.cols].toarray(), rtol=1e-12, atol=0)
+    F = A.copy()
+    F.data[:] = 1.0
+    np.testing.assert_array_equal(st.fire_count, np.asarray(F.sum(axis=0)).astype(np.int64))
+
+
 # --------------------------------------------------------------------------- resume and failures
 def test_resume_computes_only_missing_tiles(client, tmp_path):
     G = mixed_gates(n=300, k=20, seed=13)
