@@ -357,7 +357,9 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
         total = 0
         r_end = r
         while r_end < rows:
-            p0, p1 = indptr[r_end], indptr[r_end + 1]
+            # the row's atoms inside the span (rows are sorted; atoms outside it are skipped)
+            p0 = _lower_bound(cols, indptr[r_end], indptr[r_end + 1], lo)
+            p1 = _lower_bound(cols, p0, indptr[r_end + 1], lo + span)
             n_row = 0
             for p in range(p0, p1):
                 if row_used[blk[cols[p] - lo]]:
@@ -393,7 +395,8 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
                 fill[a] = start[a]
             # pass 2: rows in order, each pair product appended to its row atom's bucket
             for rr in range(r, r_end):
-                p0, p1 = indptr[rr], indptr[rr + 1]
+                p0 = _lower_bound(cols, indptr[rr], indptr[rr + 1], lo)
+                p1 = _lower_bound(cols, p0, indptr[rr + 1], lo + span)
                 for p in range(p0, p1):
                     a = cols[p] - lo
                     I = blk[a]
@@ -423,8 +426,8 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
         r = r_end
 
 
-#: pair products bucketed per pass of :func:`scatter_group` (12 bytes each: 96 MiB)
-SCATTER_BUFFER_PAIRS = 1 << 23
+#: pair products bucketed per pass of :func:`scatter_group` (12 bytes each: 192 MiB)
+SCATTER_BUFFER_PAIRS = 1 << 24
 
 
 class ScatterWorkspace:
@@ -463,8 +466,8 @@ def scatter_group(csr, lo: int, tile: int, n_blocks: int, tiles, slots, acc_sum:
     Parameters
     ----------
     csr : (indptr, cols, vals)
-        Sparse rows over the atom span ``[lo, lo + n_blocks·tile)`` (global, sorted atom ids,
-        positive values).
+        Sparse rows (global, sorted atom ids, positive values); atoms outside the span
+        ``[lo, lo + n_blocks·tile)`` are ignored.
     lo : int
         First atom of the span (a multiple of ``tile``).
     tile : int

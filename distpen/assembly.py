@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._alloc import zeros
 from ._sources import VectorSource, as_vector_source, is_dask_array, is_zarr_array
 from ._validation import check_finite_scalar, check_positive_int
 from ._workers import kernel_threads, threads_per_task
@@ -670,12 +671,16 @@ def _run_tiles(tasks, n_tiles, t_src, t_payload, rho, scale, S_array, H, threads
     """
     out = []
     p = S_array.shape[1]
+    # one tile buffer for the batch: its pages are faulted in once, not once per tile
+    size = max(((t.r1 - t.r0) * (t.c1 - t.c0) for t in tasks), default=0)
+    buf = zeros(size)
     with kernel_threads(threads):
         for task in tasks:
             if task.key in fail_keys:  # test hook: an injected fault
                 raise RuntimeError(f"injected fault on tile {divmod(task.key, n_tiles)}")
             t_local = t_src.read_ranges(task.starts, task.lengths, t_payload)
-            block = np.zeros((task.r1 - task.r0, task.c1 - task.c0))
+            block = buf[:(task.r1 - task.r0) * (task.c1 - task.c0)].reshape(task.r1 - task.r0, task.c1 - task.c0)
+            block.fill(0.0)
             if task.diag_global.shape[0]:
                 S = np.asarray(S_array.oindex[task.diag_global, :, :], dtype=np.float64)
             else:

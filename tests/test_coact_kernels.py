@@ -232,3 +232,22 @@ def test_partial_in_a_reused_buffer_is_zeroed():
     assert all(not p[k].any() for k in ("sum", "cnt", "fire", "gsum", "gsq"))
     assert all(np.shares_memory(p[k], buf) for k in ("sum", "cnt", "fire", "gsum", "gsq"))
     assert p["sum"].flags.c_contiguous and p["sum"].ctypes.data % 64 == 0
+
+
+def test_scatter_group_ignores_atoms_outside_its_span():
+    """A chunk's rows may hold every atom: the group's span picks its own (cached chunks rely on it)."""
+    G = _dense(300, 30, 0.3, 10)
+    tile, lo, nb = 5, 10, 3                        # span [10, 25)
+    tiles = [(0, 0), (0, 2), (1, 2)]
+    full_csr = ker.dense_to_csr(G, 0, ker.dense_scan(G))
+    part = np.ascontiguousarray(G[:, lo:lo + nb * tile])
+    span_csr = ker.dense_to_csr(part, lo, ker.dense_scan(part))
+    accs = []
+    for csr in (full_csr, span_csr):
+        s = np.zeros((3, tile, tile))
+        c = np.zeros((3, tile, tile), dtype=np.int64)
+        ker.scatter_group(csr, lo, tile, nb, tiles, range(3), s, c, ker.ScatterWorkspace(50))
+        accs.append((s, c))
+    assert np.array_equal(accs[0][0], accs[1][0]) and np.array_equal(accs[0][1], accs[1][1])
+    ref, _ = _tile_ref(G, 10, 15, 20, 25, False)
+    np.testing.assert_allclose(accs[0][0][1], ref, rtol=1e-12)

@@ -579,3 +579,31 @@ def test_open_stats_errors(tmp_path):
     zarr.open_group(str(tmp_path / "g"), mode="w").attrs["format"] = "something.else"
     with pytest.raises(StoreCorruptError, match="is not a coactivation statistics store"):
         dp.open_stats(tmp_path / "g")
+
+
+def test_topk_chunk_cache_holds_validated_chunks_within_budget(tmp_path):
+    import zarr
+
+    G = topk_gates(n=120)
+    idx, val = to_topk(G, 6)
+    zi = zarr.create_array(str(tmp_path / "i"), shape=idx.shape, chunks=(40, 6), dtype="int64")
+    zv = zarr.create_array(str(tmp_path / "v"), shape=val.shape, chunks=(40, 6), dtype="float64")
+    zi[:], zv[:] = idx, val
+    ws = dp._coact_kernels.ScatterWorkspace()
+    data, base = (zi, zv), (0, 0)
+    plan = {"k_atoms": 29, "cache_key": "job", "cache_bytes": 2 * (16 * 40 * 6 + 8 * 41)}
+    try:
+        first = coact._topk_chunk(plan, data, base, 0, 40, 8, 16, ws)
+        assert coact._topk_chunk(plan, data, base, 0, 40, 8, 16, ws) is first       # a hit
+        ref = dp._coact_kernels.topk_block_csr(idx[:40], val[:40], 0, 29, 29)
+        assert all(np.array_equal(a, b) for a, b in zip(first, ref))                  # every atom
+        coact._topk_chunk(plan, data, base, 40, 80, 8, 16, ws)
+        third = coact._topk_chunk(plan, data, base, 80, 120, 8, 16, ws)               # over budget
+        assert third[1].min() >= 8 and third[1].max() < 16                            # span only
+        assert len(coact._CHUNKS) == 2 and coact._CHUNKS_USED[0] <= plan["cache_bytes"]
+        zv[50, :] = np.where(idx[50] >= 0, np.nan, 0.0)
+        with pytest.raises(GateDataError, match="row 50"):
+            coact._topk_chunk({**plan, "cache_key": "other"}, data, base, 40, 80, 0, 29, ws)
+    finally:
+        assert coact._release_buffers() >= 0
+    assert not coact._CHUNKS and coact._CHUNKS_USED[0] == 0

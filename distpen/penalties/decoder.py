@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._alloc import zeros
 from .._validation import check_finite_scalar
 from ..errors import InvalidArgumentError, InvalidDtypeError, ScheduleError, ShapeMismatchError
 from ..layout import DecoderLayout, PenaltyTier
@@ -191,7 +192,7 @@ class DecoderIncoherencePenalty(Penalty):
         hi = self.k_atoms if hi is None else hi
         off, m, p = self._lay()
         base = int(off[lo])
-        out = np.zeros(int(off[hi]) - base)
+        out = zeros(int(off[hi]) - base)
         if hi == lo:
             return out
         indptr, nbr, wts = self.pairs.directed()
