@@ -36,3 +36,32 @@ def first_nonfinite(x: np.ndarray) -> int:
         bad = np.flatnonzero(~np.isfinite(x))
         return int(bad[0]) if bad.size else -1
     return int(_first_nonfinite(x))
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _first_difference(a, b):
+    n = a.shape[0]
+    nb = (n + _BLOCK - 1) // _BLOCK
+    diff = np.zeros(nb, dtype=np.bool_)
+    for blk in prange(nb):
+        lo = blk * _BLOCK
+        hi = min(n, lo + _BLOCK)
+        d = 0
+        for i in range(lo, hi):
+            d |= a[i] ^ b[i]
+        diff[blk] = d != 0
+    for blk in range(nb):
+        if diff[blk]:
+            return blk
+    return -1
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two float64 arrays hold the same bits (no mask as large as the arrays)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a = np.ascontiguousarray(a).reshape(-1)
+    b = np.ascontiguousarray(b).reshape(-1)
+    if a.dtype.itemsize != 8:
+        return bool(np.array_equal(a.view(np.uint8), b.view(np.uint8)))
+    return int(_first_difference(a.view(np.int64), b.view(np.int64))) < 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._broadcast import BROADCASTS
+from ._fastcheck import first_nonfinite
 from ._validation import check_float64_array
 from .errors import InvalidArgumentError, ShapeMismatchError
 
@@ -105,7 +107,9 @@ def as_vector_source(x, n: int, name: str, *, client=None, spill_path=None) -> t
     """Validate ``x`` (numpy, dask or zarr; flat of length ``n`` or 2-D with ``n`` entries).
 
     Returns the source and, for numpy input, the validated local array (else ``None``). Numpy
-    input is scattered to the workers once when ``client`` is given.
+    input is broadcast to the workers when ``client`` is given — unless an equal array was
+    broadcast under the same ``name`` last time, whose future is reused (see
+    :mod:`distpen._broadcast`).
     """
     if is_zarr_array(x):
         _check_size(x.shape, n, name)
@@ -132,10 +136,10 @@ def as_vector_source(x, n: int, name: str, *, client=None, spill_path=None) -> t
         arr = arr.ravel()
     if arr.shape[0] != n:
         raise ShapeMismatchError(f"{name} has length {arr.shape[0]}, expected {n} for this penalty")
-    if not np.isfinite(arr).all():
-        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise InvalidArgumentError(f"{name} must be finite, but {name}[{bad}] = {arr[bad]!r}")
-    payload = client.scatter(arr, broadcast=True, hash=False) if client is not None else arr
+    bad = first_nonfinite(arr)
+    if bad >= 0:
+        raise InvalidArgumentError(f"{name} must be finite, but {name}[{bad}] = {float(arr[bad])!r}")
+    payload = BROADCASTS.array(client, name, arr) if client is not None else arr
     return VectorSource("numpy", payload, n), arr
 
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._alloc import zeros
+from ._broadcast import BROADCASTS
 from ._sources import VectorSource, as_vector_source, is_dask_array, is_zarr_array
 from ._validation import check_finite_scalar, check_positive_int
 from ._workers import kernel_threads, threads_per_task
@@ -308,6 +309,14 @@ def evaluate(penalty: Penalty, t, rho, *, ops=("value", "grad"), v=None, out=Non
     InvalidArgumentError, ShapeMismatchError
         Before any work: unknown op, missing ``v``, ``t``/``v`` of the wrong size, bad ρ.
 
+    Notes
+    -----
+    With numpy inputs the decoder penalty and ``t`` (and ``v``) are broadcast to every worker, and
+    kept there after the call: the next call with the same penalty object and an equal ``t``
+    reuses them instead of sending them again (``t`` is compared by value, so changing it in
+    place is safe). Workers therefore hold one copy of the last penalty, ``t`` and ``v`` between
+    calls; ``distpen._broadcast.BROADCASTS.clear()`` drops them.
+
     Examples
     --------
     >>> res = dp.evaluate(pen, beta, rho, ops=("value", "grad"))   # doctest: +SKIP
@@ -394,7 +403,7 @@ def _evaluate_decoder(pen, t, rho, ops, v, out, n_tasks, chunk, split_every, pro
             results[int(unit.split(".")[1])] = {k: (np.asarray(val) if k == "grad_rho" else val)
                                                  for k, val in m["info"].items()}
     if shared_mode(pen, t_src, v_src):
-        pen_f = client.scatter(pen, broadcast=True, hash=False)
+        pen_f = BROADCASTS.penalty(client, pen)
         futures = [client.submit(_run_shared, r, pen_f, t_src.payload, None if v_src is None else v_src.payload,
                                  rho, ops, threads, writers, job, pure=False)
                    for r in plan.ranges if results[r.index] is None]
@@ -405,11 +414,20 @@ def _evaluate_decoder(pen, t, rho, ops, v, out, n_tasks, chunk, split_every, pro
                                  job, pure=False)
                    for part in plan.parts if results[part.index] is None]
 
+    # numpy vector results: each part's rows are copied into place as it arrives (overlapping the
+    # other parts' work) instead of one concatenation of every part at the end
+    dest = {name: np.empty(n) for name in vec_ops} if writers is None else {}
+    bounds = [(r.c0, r.c1) for r in plan.ranges]
+
     def on_result(res):
-        results[res[0]] = res[1]
+        i, part = res
+        for name, arr in dest.items():
+            c0, c1 = bounds[i]
+            arr[c0:c1] = part.pop(name)
+        results[i] = part
 
     _Tracker(job, "evaluate", len(futures), progress).gather(futures, on_result)
-    res = _combine(results, ops, writers, split_every, n)
+    res = _combine(results, ops, writers or dest, split_every, n)
     if job is not None:
         job.finish(seconds=time.perf_counter() - t0, parts_computed=len(futures), value=res.get("value"))
     return res
@@ -950,7 +968,7 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
     if pending_parts:
         plan = DecoderPlan(pen, pen.layout.offsets[atom_edges])
         if shared_mode(pen, t_src):
-            pen_f = client.scatter(pen, broadcast=True, hash=False)
+            pen_f = BROADCASTS.penalty(client, pen)
             futs = [client.submit(_run_grams_shared, plan.ranges[i], pen_f, t_src.payload, rho, threads,
                                   S_array, job, pure=False) for i in pending_parts]
         else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._broadcast import BROADCASTS
 from ._sources import as_vector_source
 from ._validation import check_finite_scalar, check_positive_int, check_vector
 from ._workers import kernel_threads, threads_per_task
@@ -114,8 +115,8 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
     ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
     # the penalty and t travel to every worker once; each iteration ships only x
-    pen_f = client.scatter(pen, broadcast=True, hash=False)
-    t_f = client.scatter(t_np, broadcast=True, hash=False)
+    pen_f = BROADCASTS.penalty(client, pen)
+    t_f = BROADCASTS.array(client, "t", t_np)
     pre_f = []
     if precond != "none":
         pre_f = [client.submit(_precond_part, r, pen_f, t_f, rho, precond, damping, threads, pure=False)

@@ -52,6 +52,32 @@ def test_evaluate_decoder_numpy_equals_in_memory(client, n_tasks):
     assert isinstance(res["grad"], np.ndarray) and res["grad"].dtype == np.float64
 
 
+def test_evaluate_reuses_broadcast_inputs_only_while_they_are_unchanged(client):
+    """The penalty and an equal t are sent once across calls; a t changed in place, another
+    penalty or a changed pair weight are sent again — results always equal the in-memory ones."""
+    from distpen._broadcast import BROADCASTS
+
+    pen, beta, rho, v = decoder_problem(seed=3)
+    t = beta.copy()
+    BROADCASTS.clear()
+    evaluate(pen, t, rho, ops=("grad",))
+    keys = {name: BROADCASTS._get(client, name)["future"].key for name in ("t", "penalty")}
+    res = evaluate(pen, t, rho, ops=("value", "hvp"), v=v)
+    assert BROADCASTS._get(client, "t")["future"].key == keys["t"]
+    assert BROADCASTS._get(client, "penalty")["future"].key == keys["penalty"]
+    assert_matches(res, {"value": pen.value(t, rho), "hvp": pen.hvp(t, rho, v)})
+    t[5] += 0.25                                   # in place: the next call must see it
+    res = evaluate(pen, t, rho, ops=("grad",))
+    assert BROADCASTS._get(client, "t")["future"].key != keys["t"]
+    assert_matches(res, {"grad": pen.grad_target(t, rho)})
+    pen2 = pen.with_pairs(dp.PairTable(pen.pairs.j, pen.pairs.k, pen.pairs.w * 2.0, pen.k_atoms))
+    res = evaluate(pen2, t, rho, ops=("grad",))
+    assert BROADCASTS._get(client, "penalty")["future"].key != keys["penalty"]
+    assert_matches(res, {"grad": pen2.grad_target(t, rho)})
+    BROADCASTS.clear()
+    assert BROADCASTS._get(client, "t") is None
+
+
 @pytest.mark.parametrize("kind", ["numpy", "dask", "zarr"])
 @pytest.mark.parametrize("chunk", [7, 50, 10_000])
 def test_evaluate_decoder_inputs_into_zarr(client, tmp_path, kind, chunk):
