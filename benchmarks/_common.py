@@ -8,6 +8,9 @@ the numbers). Best-of-N is the least noisy statistic on a shared machine: noise 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -87,6 +90,38 @@ def disk_write_bandwidth(directory: str, nbytes: int = 1 << 30, block: int = 64 
         if os.path.exists(path):
             os.unlink(path)
     return n_blocks * block / best / 1e9
+
+
+_FILE_WRITER = """
+import os, sys, numpy as np
+d, n, size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+buf = np.random.default_rng(seed).integers(0, 256, size=size, dtype=np.uint8)
+for i in range(n):
+    with open(os.path.join(d, f"{seed}.{i}"), "wb", buffering=0) as f:
+        f.write(buf.data)
+        os.fsync(f.fileno())
+"""
+
+
+def file_write_bandwidth(directory: str, file_bytes: int, n_files: int, n_procs: int = 2) -> float:
+    """GB/s of ``n_procs`` processes writing ``n_files`` new files of ``file_bytes`` each (split
+    between them, each file ``fsync``ed), as a tile store does: the file system's rate for
+    chunk-per-file layouts, without Zarr. The files are deleted afterwards."""
+    import subprocess
+
+    d = tempfile.mkdtemp(prefix="filebw-", dir=directory)
+    try:
+        per = max(1, n_files // n_procs)
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", _FILE_WRITER, d, str(per), str(file_bytes), str(i)])
+                 for i in range(n_procs)]
+        for pr in procs:
+            if pr.wait() != 0:
+                raise RuntimeError("file writer failed")
+        sec = time.perf_counter() - t0
+        return per * n_procs * file_bytes / sec / 1e9
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def fmt_ms(seconds: float | None) -> str:

@@ -682,6 +682,10 @@ def _tile_unit(key: int, n_tiles: int) -> tuple[str, str]:
     return f"H.{I}.{J}", f"H/c/{I}/{J}"
 
 
+#: a tile batch reads its diagonal blocks S_a at once when they take at most this many bytes
+_S_BATCH_BYTES = 256 * 2**20
+
+
 def _run_tiles(tasks, n_tiles, t_src, t_payload, rho, scale, S_array, H, threads, job=None, fail_keys=()):
     """Worker task: compute and write a batch of tiles, marking each complete right after its write.
 
@@ -692,6 +696,11 @@ def _run_tiles(tasks, n_tiles, t_src, t_payload, rho, scale, S_array, H, threads
     # one tile buffer for the batch: its pages are faulted in once, not once per tile
     size = max(((t.r1 - t.r0) * (t.c1 - t.c0) for t in tasks), default=0)
     buf = zeros(size)
+    # the batch's diagonal blocks S_a, read in one pass over their Zarr chunks (not once per tile)
+    want = np.unique(np.concatenate([t.diag_global for t in tasks] or [np.zeros(0, dtype=np.int64)]))
+    S_batch = None
+    if 0 < want.shape[0] * p * p * 8 <= _S_BATCH_BYTES:
+        S_batch = np.asarray(S_array.oindex[want, :, :], dtype=np.float64)
     with kernel_threads(threads):
         for task in tasks:
             if task.key in fail_keys:  # test hook: an injected fault
@@ -699,7 +708,9 @@ def _run_tiles(tasks, n_tiles, t_src, t_payload, rho, scale, S_array, H, threads
             t_local = t_src.read_ranges(task.starts, task.lengths, t_payload)
             block = buf[:(task.r1 - task.r0) * (task.c1 - task.c0)].reshape(task.r1 - task.r0, task.c1 - task.c0)
             block.fill(0.0)
-            if task.diag_global.shape[0]:
+            if task.diag_global.shape[0] and S_batch is not None:
+                S = S_batch[np.searchsorted(want, task.diag_global)]
+            elif task.diag_global.shape[0]:
                 S = np.asarray(S_array.oindex[task.diag_global, :, :], dtype=np.float64)
             else:
                 S = np.zeros((0, p, p))
