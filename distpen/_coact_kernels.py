@@ -555,37 +555,57 @@ def dense_scan_blocks(x: np.ndarray, tile: int, row0: int = 0, col0: int = 0,
 
 
 @njit(**_OPTS)
-def _dense_scan_stats(x, T, out_nnz, fire, gsum, gsq):
-    rows, cols = x.shape
+def _dense_scan_stats(x, T, out_nnz, fire, gsum, gsq, col0, indptr, cols, vals):
+    """One pass: validate, count per row and block, add the column vectors, and emit the sparse
+    rows while they fit ``cols`` (returns the entries emitted, or -1 once they did not fit)."""
+    rows, ncol = x.shape
+    cap = cols.shape[0]
+    p = 0
     for r in range(rows):
-        for c in range(cols):
+        for c in range(ncol):
             v = x[r, c]
             if v != 0.0:
                 if v != v:
-                    return _NAN, r, c
+                    return _NAN, r, c, p
                 if v < 0.0:
-                    return _NEG, r, c
+                    return _NEG, r, c, p
                 if v == np.inf:
-                    return _INF, r, c
+                    return _INF, r, c, p
                 out_nnz[r, c // T] += 1
                 w = np.float64(v)
                 fire[c] += 1
                 gsum[c] += w
                 gsq[c] += w * w
-    return _OK, -1, -1
+                if p >= 0:
+                    if p < cap:
+                        cols[p] = col0 + c
+                        vals[p] = w
+                        p += 1
+                    else:
+                        p = -1
+        if p >= 0:
+            indptr[r + 1] = p
+    return _OK, -1, -1, p
 
 
 def dense_scan_stats(x: np.ndarray, tile: int, fire: np.ndarray, gsum: np.ndarray, gsq: np.ndarray,
-                     row0: int = 0, col0: int = 0, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """:func:`dense_scan_blocks` that also adds each column's firing count, gate sum and squared sum.
+                     row0: int = 0, col0: int = 0, rows: tuple[int, int] | None = None,
+                     workspace: ScatterWorkspace | None = None, max_density: float = 0.125):
+    """:func:`dense_scan_blocks` that also adds each column's firing count, gate sum and squared sum,
+    and builds the sparse rows of a sparse block, in one pass.
 
-    One pass over the block: ``fire``, ``gsum``, ``gsq`` (length ≥ n_cols; int64, float64,
-    float64) receive the column's non-zero gates in row order, as :func:`csr_vector_stats` does for
-    sparse rows, so the dense and top-k forms of the same gates give bit-identical vectors.
+    ``fire``, ``gsum``, ``gsq`` (length ≥ n_cols; int64, float64, float64) receive the column's
+    non-zero gates in row order, as :func:`csr_vector_stats` does for sparse rows, so the dense and
+    top-k forms of the same gates give bit-identical vectors.
 
     Returns
     -------
     nnz : array of shape (n_rows, ceil(n_cols / tile)), int64
+    csr : (indptr, cols, vals) or None
+        With ``workspace``: the block's sparse rows (global atom ids ``col0 + c``, as
+        :func:`dense_to_csr` gives them, in the workspace's buffers), or None when the block holds
+        more than ``max_density`` non-zeros (build them with :func:`dense_to_csr` if needed).
+        Without ``workspace``: None.
 
     Raises
     ------
@@ -594,11 +614,21 @@ def dense_scan_stats(x: np.ndarray, tile: int, fire: np.ndarray, gsum: np.ndarra
     """
     nnz = np.zeros((x.shape[0], max(1, -(-x.shape[1] // tile))), dtype=np.int64)
     if x.size == 0:
-        return nnz
-    code, r, c = _dense_scan_stats(x, tile, nnz, fire, gsum, gsq)
+        return nnz, None
+    if workspace is not None:
+        cap = max(1, int(x.size * max_density))
+        indptr = workspace.get("dense_indptr", x.shape[0] + 1, np.int64)
+        cols = workspace.get("dense_cols", cap, np.int64)
+        vals = workspace.get("dense_vals", cap, np.float64)
+        indptr[0] = 0
+    else:
+        indptr, cols, vals = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+    code, r, c, p = _dense_scan_stats(x, tile, nnz, fire, gsum, gsq, col0, indptr, cols, vals)
     if code != _OK:
         raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
-    return nnz
+    if workspace is None or p < 0:
+        return nnz, None
+    return nnz, (indptr, cols[:p], vals[:p])
 
 
 @njit(**_OPTS)

@@ -166,7 +166,7 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
             rows = (r0, r1)
             if plan["form"] == "dense":
                 x = np.ascontiguousarray(_slice(data, base, r0, r1, lo, hi))
-                nnz = ker.dense_scan_stats(x, T, col_fire, col_gsum, col_gsq, r0, lo, rows)
+                nnz, csr = ker.dense_scan_stats(x, T, col_fire, col_gsum, col_gsq, r0, lo, rows, workspace=ws)
                 scatter, blas = [], []
                 for s, (i, j) in enumerate(local):
                     ni = min(K, lo + (i + 1) * T) - (lo + i * T)
@@ -175,7 +175,8 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
                     (scatter if route == "scatter" else blas).append(s)
                 part["routes"] += (len(scatter), len(blas))
                 if scatter:
-                    csr = ker.dense_to_csr(x, lo, nnz.sum(axis=1))
+                    if csr is None:  # too dense to have been built by the scan
+                        csr = ker.dense_to_csr(x, lo, nnz.sum(axis=1))
                     ker.scatter_group(csr, lo, T, n_span, [local[s] for s in scatter], scatter,
                                       part["sum"], part["cnt"], ws)
                     del csr

@@ -165,8 +165,18 @@ def test_dense_scan_stats_is_one_pass_of_scan_and_vector_stats():
     """The fused scan counts like dense_scan_blocks and sums like the CSR kernel (row order, bit for bit)."""
     G = _dense(300, 21, 0.2, 7, np.float32)
     fire, gsum, gsq = np.zeros(21, dtype=np.int64), np.zeros(21), np.zeros(21)
-    nnz = ker.dense_scan_stats(G, 5, fire, gsum, gsq)
+    nnz, none = ker.dense_scan_stats(G, 5, fire, gsum, gsq)
     np.testing.assert_array_equal(nnz, ker.dense_scan_blocks(G, 5))
+    assert none is None
+    # with a workspace the scan also gives the sparse rows, as dense_to_csr does, while they fit
+    ws = ker.ScatterWorkspace()
+    f3, s3, q3 = np.zeros(21, dtype=np.int64), np.zeros(21), np.zeros(21)
+    _, csr = ker.dense_scan_stats(G, 5, f3, s3, q3, col0=40, workspace=ws, max_density=0.5)
+    for a, b in zip(csr, ker.dense_to_csr(G, 40, ker.dense_scan(G))):
+        assert np.array_equal(a, b)
+    assert np.array_equal(f3, fire) and np.array_equal(s3, gsum)
+    _, over = ker.dense_scan_stats(G, 5, f3, s3, q3, workspace=ws, max_density=0.1)  # 20% > 10%
+    assert over is None
     f2, s2, q2 = np.zeros(21, dtype=np.int64), np.zeros(21), np.zeros(21)
     ker.csr_vector_stats(ker.dense_to_csr(G, 0, ker.dense_scan(G)), 0, 21, f2, s2, q2)
     assert np.array_equal(fire, f2) and np.array_equal(gsum, s2) and np.array_equal(gsq, q2)
