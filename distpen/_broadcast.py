@@ -46,7 +46,12 @@ class BroadcastCache:
 
     def _put(self, client, name, entry):
         with self._lock:
-            # one entry per (client, name): the previous future is released
+            # one entry per (client, name): the previous future is released; entries of clients
+            # that have closed are dropped with their private copies
+            stale = [k for k, e in self._entries.items()
+                     if getattr(e["future"].client, "status", "closed") not in ("running", "connecting", "newly-created")]
+            for k in stale:
+                del self._entries[k]
             self._entries[(self._client_key(client), name)] = entry
 
     def array(self, client, name: str, arr: np.ndarray):

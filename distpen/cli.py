@@ -55,6 +55,11 @@ def dispatch(args) -> int:
     except DistpenError as exc:
         print(f"distpen: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # a command's broadcast inputs are not reused after it: release them while the client is up
+        from ._broadcast import BROADCASTS
+
+        BROADCASTS.clear()
 
 
 def main(argv=None) -> int:
