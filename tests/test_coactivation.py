@@ -423,9 +423,10 @@ def test_streaming_topk_within_worker_memory_limit(tmp_path):
 
 
 # --------------------------------------------------------------------------- resume and failures
-def test_resume_computes_only_missing_tiles(client, tmp_path):
+@pytest.mark.parametrize("split_every", [2, 100])
+def test_resume_computes_only_missing_tiles(client, tmp_path, split_every):
     G = mixed_gates(n=300, k=20, seed=13)
-    args = dict(row_chunk=64, tile=6, split_every=2)   # 4 blocks: 10 tiles
+    args = dict(row_chunk=64, tile=6, split_every=split_every)   # 4 blocks: 10 tiles
     ref = dp.coactivation_stats(G, tmp_path / "ref", **args)
     first = [(0, 0), (0, 3), (2, 2)]
     dp.coactivation_stats(G, tmp_path / "st", **args, _units=first)   # "interrupted" after 3 tiles
@@ -461,8 +462,9 @@ def test_crash_between_chunk_write_and_marker_is_recomputed(client, tmp_path):
     assert_stats(st, reference(G))
 
 
+@pytest.mark.parametrize("split_every", [2, 100])   # a reduction tree, and one streaming task per group
 @pytest.mark.parametrize("form", ["dense", "topk"])
-def test_bad_gate_stops_job_without_partial_tiles(client, tmp_path, form):
+def test_bad_gate_stops_job_without_partial_tiles(client, tmp_path, form, split_every):
     G = topk_gates(n=240, K=18, k=4, seed=15)
     bad_row, bad_atom = 130, 14   # atom 14 lies in block 2 (tile 6)
     G[bad_row, bad_atom] = 0.0
@@ -477,7 +479,7 @@ def test_bad_gate_stops_job_without_partial_tiles(client, tmp_path, form):
     what = "is NaN" if form == "dense" else "is negative"
     with pytest.raises(GateDataError, match=rf"row {bad_row}, atom {bad_atom} {what} .*row chunk \[128, 160\).*"
                                             r"re-run the same command"):
-        dp.coactivation_stats(gates, tmp_path / "st", row_chunk=32, tile=6, split_every=2)
+        dp.coactivation_stats(gates, tmp_path / "st", row_chunk=32, tile=6, split_every=split_every)
     store = RunStore(tmp_path / "st")
     job = store.job("coactivation")
     done = job.done()
