@@ -52,6 +52,9 @@ _FORMAT = "distpen.coactivation"
 _FORMAT_VERSION = 1
 DEFAULT_SPLIT_EVERY = 4
 _MIN_STREAM_GROUPS = 4
+#: dense gates at most this dense (sampled) count as sparse for the plan; chunks up to the scan's
+#: limit (12.5%) keep their sparse rows in the workers' chunk cache
+_SPARSE_DENSITY = 0.05
 MAX_DENSE_K = 16384
 MEASURES = ("mean", "count", "jaccard", "cosine", "lift")
 _TILE_ALIGN = 128
@@ -164,6 +167,14 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
     with threadpool_limits(limits=1):
         for r0, r1, data, base in chunks:
             rows = (r0, r1)
+            if plan["form"] == "dense" and plan.get("cache_key") is not None:
+                cached = _dense_chunk(plan, data, base, r0, r1, ws)
+                if cached is not None:  # a sparse chunk: the scatter route, whatever the tile
+                    ker.csr_vector_stats(cached, lo, hi, col_fire, col_gsum, col_gsq)
+                    ker.scatter_group(cached, lo, T, n_span, local, range(len(local)), part["sum"], part["cnt"], ws)
+                    part["routes"][0] += len(local)
+                    part["rows"] += r1 - r0
+                    continue
             if plan["form"] == "dense":
                 x = np.ascontiguousarray(_slice(data, base, r0, r1, lo, hi))
                 nnz, csr = ker.dense_scan_stats(x, T, col_fire, col_gsum, col_gsq, r0, lo, rows, workspace=ws)
@@ -246,6 +257,45 @@ def _topk_chunk(plan: dict, data, base, r0: int, r1: int, lo: int, hi: int, ws):
                 _CHUNKS[key] = csr
             return csr
     return ker.topk_block_csr(idx, val, lo, hi, K, row0=r0, rows=(r0, r1), workspace=ws)
+
+
+def _dense_chunk(plan: dict, data, base, r0: int, r1: int, ws):
+    """Validated sparse rows (every atom) of a dense row chunk, or None when the chunk holds more
+    than 12.5% non-zeros (the caller then takes the per-tile routes).
+
+    From this worker's chunk cache, or read — and kept while the cache has room (see
+    :func:`_topk_chunk`); otherwise built in ``ws``. Whether a chunk is sparse depends on its data
+    only, never on the cache, so the kernels (and the bits of the sums) do not depend on which
+    worker ran which group.
+    """
+    key = (plan["cache_key"], r0, r1)
+    hit = _CHUNKS.get(key)
+    if hit is not None:
+        return hit if hit != "dense" else None
+    K = plan["k_atoms"]
+    need = int(12 * (r1 - r0) * K * 0.125) + 8 * (r1 - r0 + 1)  # at most
+    with _CHUNKS_LOCK:
+        room = _CHUNKS_USED[0] + need <= plan.get("cache_bytes", 0)
+        if room:
+            _CHUNKS_USED[0] += need
+    try:
+        x = np.ascontiguousarray(_slice(data, base, r0, r1))
+        scratch = (np.zeros(K, dtype=np.int64), np.zeros(K), np.zeros(K))  # vectors come from the rows
+        _, csr = ker.dense_scan_stats(x, K, *scratch, r0, 0, (r0, r1), workspace=ws)
+        if room and csr is not None:
+            csr = tuple(a.copy() for a in csr)  # out of the workspace, trimmed
+    finally:
+        if room:
+            with _CHUNKS_LOCK:
+                _CHUNKS_USED[0] -= need
+    if room:
+        with _CHUNKS_LOCK:
+            if csr is None:
+                _CHUNKS[key] = "dense"  # remembered: the next group skips straight to its routes
+            else:
+                _CHUNKS_USED[0] += sum(a.nbytes for a in csr)
+                _CHUNKS[key] = csr
+    return csr
 
 
 #: per-worker cache of validated top-k row chunks of the running job (see _topk_chunk)
@@ -365,26 +415,35 @@ def _sources(gates, row_chunk: int, client):
     return [(r0, r1, (di, dv), (bi, bv)) for (r0, r1), (di, bi), (dv, bv) in zip(spans, isrc, vsrc)]
 
 
-def _group_tiles(pending, tile: int, memory_limit: int, fan_in: int):
-    """Consecutive runs of ``pending`` tiles whose accumulators fit one task, of balanced sizes."""
+def _group_tiles(pending, tile: int, memory_limit: int, fan_in: int, min_groups: int = 1):
+    """Consecutive runs of ``pending`` tiles whose accumulators fit one task, of balanced sizes,
+    at least ``min_groups`` of them (when there are that many tiles)."""
     if not pending:
         return []
     per_tile = _partial_bytes(tile)
     max_tiles = max(1, int(_partial_budget(memory_limit, fan_in) // per_tile))
-    n_groups = math.ceil(len(pending) / max_tiles)
-    size = math.ceil(len(pending) / n_groups)
-    return [pending[i:i + size] for i in range(0, len(pending), size)]
+    n_groups = max(math.ceil(len(pending) / max_tiles), min(min_groups, len(pending)))
+    base, extra = divmod(len(pending), n_groups)  # sizes differ by at most one tile
+    bounds = np.cumsum([0] + [base + (g < extra) for g in range(n_groups)])
+    return [pending[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def default_split_every(memory_limit: int, k_atoms: int, n_chunks: int, tile: int | None) -> int:
+def default_split_every(memory_limit: int, k_atoms: int, n_chunks: int, tile: int | None,
+                        sparse: bool = False) -> int:
     """Fan-in of the reduction tree when the caller gives none.
 
-    When the tiles form at least :data:`_MIN_STREAM_GROUPS` groups even with one accumulator per
-    task, each group is one task that streams every row chunk into its accumulators and writes
-    its tiles itself (``split_every`` = the number of row chunks): the groups alone keep workers
-    busy, and no partial is allocated twice, moved between workers or combined. Otherwise (few
-    atoms) row chunks are spread over leaves tree-summed with fan-in :data:`DEFAULT_SPLIT_EVERY`.
-    Depends on ``K``, the row chunks and the memory limit, not on the number of workers.
+    Each tile group becomes one task that streams every row chunk into its accumulators and writes
+    its tiles itself (``split_every`` = the number of row chunks) when there are at least
+    :data:`_MIN_STREAM_GROUPS` tiles and either
+
+    * the tiles need that many groups anyway (one accumulator per task), or
+    * the gates are sparse (top-k, or dense with at most :data:`_SPARSE_DENSITY` non-zeros): every
+      group then reads the tokens, but a worker keeps the sparse rows of the chunks it read
+      (:func:`_topk_chunk`, :func:`_dense_chunk`), so re-reading is cheap, and no partial is
+      allocated per leaf, moved between workers or combined.
+
+    Otherwise row chunks are spread over leaves tree-summed with fan-in :data:`DEFAULT_SPLIT_EVERY`.
+    Depends on ``K``, the row chunks, the memory limit and the gates, not on the number of workers.
     """
     if n_chunks <= 1:
         return DEFAULT_SPLIT_EVERY
@@ -392,9 +451,19 @@ def default_split_every(memory_limit: int, k_atoms: int, n_chunks: int, tile: in
     nb = math.ceil(k_atoms / T)
     n_tiles = nb * (nb + 1) // 2
     max_tiles = max(1, int(_partial_budget(memory_limit, 1) // _partial_bytes(T)))
-    if math.ceil(n_tiles / max_tiles) >= _MIN_STREAM_GROUPS:
+    if n_tiles >= _MIN_STREAM_GROUPS and (math.ceil(n_tiles / max_tiles) >= _MIN_STREAM_GROUPS or sparse):
         return max(2, n_chunks)
     return DEFAULT_SPLIT_EVERY
+
+
+def _sample_density(gates, rows: int) -> float:
+    """Fraction of non-zero gates in the first ``rows`` tokens (1.0 for top-k: not needed)."""
+    if not isinstance(gates, DenseGates):
+        return 0.0
+    m = max(1, min(rows, gates.n_tokens, 4096))
+    x = gates.array[:m]
+    x = np.asarray(x.compute() if hasattr(x, "compute") else x)
+    return float(np.count_nonzero(x)) / max(1, x.size)
 
 
 _ARRAYS = ("pair_sum", "pair_count", "fire_count", "gate_sum", "gate_sq_sum")
@@ -549,7 +618,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     mem = worker_memory_limit(client)
     rc = min(row_chunk, N) if row_chunk is not None else default_row_chunk(mem, g, se)
     if not se_given:
-        se = default_split_every(mem, K, math.ceil(N / rc), tile)
+        sparse = g.form == "topk" or _sample_density(g, rc) <= _SPARSE_DENSITY
+        se = default_split_every(mem, K, math.ceil(N / rc), tile, sparse)
     fan = _fan_in(N, rc, se)
     T = min(tile, K) if tile is not None else default_tile(mem, K, fan)
     nb = math.ceil(K / T)
@@ -565,11 +635,12 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     if _units is not None:  # test hook: compute only these tiles (simulates an interrupted job)
         wanted = {tuple(u) if not isinstance(u, str) else _parse_unit(u) for u in _units}
         pending = [t for t in pending if t in wanted]
-    groups = _group_tiles(pending, T, mem, fan)
+    streaming = math.ceil(math.ceil(N / rc) / se) == 1
+    groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1)
     # pair products bucketed per scatter pass (12 bytes each): at most 1/16 of a worker's memory
     scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (16 * 12))))
-    # top-k chunks read from Zarr are kept by the workers across tile groups, within 1/8 of memory
-    cache_key = job.fingerprint if g.form == "topk" and len(groups) > 1 and g._ikind == g._vkind == "zarr" else None
+    # when every group reads every chunk, workers keep the sparse rows they read, within 1/8 of memory
+    cache_key = job.fingerprint if streaming and len(groups) > 1 else None
     cache_bytes = int(mem // 8)
     chunks = _sources(g, rc, client)
     R = len(chunks)

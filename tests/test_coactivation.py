@@ -354,6 +354,10 @@ def test_default_split_every_streams_when_the_tiles_make_enough_groups():
     assert coact.default_split_every(mem, 8192, 10, None) == 10          # default tile: the same
     assert coact.default_split_every(mem, 2048, 10, 1024) == coact.DEFAULT_SPLIT_EVERY  # 3 tiles, 1 group
     assert coact.default_split_every(mem, 8192, 1, 1024) == coact.DEFAULT_SPLIT_EVERY   # one row chunk
+    # sparse gates stream as soon as there are 4 tiles: re-reading a chunk is served from the cache
+    assert coact.default_split_every(mem, 4096, 10, 1024, sparse=True) == 10           # 10 tiles
+    assert coact.default_split_every(mem, 4096, 10, 1024) == coact.DEFAULT_SPLIT_EVERY
+    assert coact.default_split_every(mem, 2048, 10, 1024, sparse=True) == coact.DEFAULT_SPLIT_EVERY  # 3 tiles
 
 
 def test_groups_are_balanced():
@@ -386,6 +390,29 @@ def test_streaming_plan_one_task_per_group(client, tmp_path, form):
         for name in ("pair_sum", "pair_count", "gate_sum", "gate_sq_sum"):
             a, b = (full(x, name) if name.startswith("pair") else getattr(x, name) for x in (st, one))
             assert np.array_equal(a, b), name
+
+
+def test_streaming_sparse_dense_gates_use_the_chunk_cache_and_match_topk_bits(client, tmp_path):
+    """Sparse dense gates on the streaming plan: workers keep each chunk's sparse rows across the
+    tile groups; every tile takes the scatter route, so the result equals the top-k form of the
+    same gates bit for bit (and numpy)."""
+    import zarr
+
+    G = topk_gates(n=600, K=60, k=4, seed=21)
+    assert np.count_nonzero(G) / G.size < 0.125
+    z = zarr.create_array(str(tmp_path / "g"), shape=G.shape, chunks=(100, 60), dtype="float64")
+    z[:] = G
+    idx, val = to_topk(G, 4)
+    args = dict(row_chunk=100, tile=10, split_every=100)          # 21 tiles: 4 streaming groups
+    dense = dp.coactivation_stats(z, tmp_path / "d", **args)
+    topk = dp.coactivation_stats(dp.TopKGates(idx, val, 60), tmp_path / "k", **args)
+    p = dense._job.progress()
+    assert p["n_groups"] == 4 and p["routes"]["blas"] == 0
+    assert_stats(dense, reference(G))
+    for name in ("pair_sum", "pair_count"):
+        assert np.array_equal(full(dense, name), full(topk, name)), name
+    for name in ("fire_count", "gate_sum", "gate_sq_sum"):
+        assert np.array_equal(getattr(dense, name), getattr(topk, name)), name
 
 
 def test_streaming_topk_within_worker_memory_limit(tmp_path):
