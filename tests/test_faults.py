@@ -28,6 +28,9 @@ from _procs import (JOB_TIMEOUT, ProcCluster, assert_matches, markers, reference
                     start_distpen, stop, topk_to_sparse, wait_until, write_topk_gates)
 
 N, K, k, ROW_CHUNK, TILE = 30_000, 1024, 16, 2000, 128
+# a reduction tree of many small tasks (not one streaming task per tile group), so that tiles
+# complete group by group while the job runs and a kill lands mid-job
+SPLIT_EVERY = 2
 N_TILES = 36                                  # (1024 / 128) blocks → 8·9/2 upper tiles
 SMALL_WORKERS = {
     "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
@@ -67,6 +70,7 @@ def gates(workdir):
 
 def _cmd(gates_path, out, address):
     return ("coactivation", gates_path, "--out", out, "--tile", TILE, "--row-chunk", ROW_CHUNK,
+            "--split-every", SPLIT_EVERY,
             "--scheduler", address, "--quiet")
 
 
@@ -90,7 +94,7 @@ def _wait_idle(client, store, timeout=60):
 
 def test_sigkill_worker_mid_job(cluster, monitor, gates, workdir):
     ref_store = workdir / "undisturbed"
-    dp.coactivation_stats(str(gates[0]), ref_store, tile=TILE, row_chunk=ROW_CHUNK, client=monitor)
+    dp.coactivation_stats(str(gates[0]), ref_store, tile=TILE, row_chunk=ROW_CHUNK, split_every=SPLIT_EVERY, client=monitor)
     victim = cluster.add_worker("victim")
     cluster.wait_for_workers(3)
     out = workdir / "killed-worker"
@@ -164,13 +168,13 @@ def test_poisoned_chunk_fails_cleanly_without_partial_tiles(cluster, monitor, wo
     assert store.verify()["ok"]
     # the Python API raises the domain exception itself
     with pytest.raises(GateDataError, match=rf"row {bad_row}, atom {bad_atom} is NaN"):
-        dp.coactivation_stats(str(path), workdir / "poisoned-stats-2", tile=TILE, row_chunk=ROW_CHUNK,
+        dp.coactivation_stats(str(path), workdir / "poisoned-stats-2", tile=TILE, row_chunk=ROW_CHUNK, split_every=SPLIT_EVERY,
                               client=monitor)
 
 
 def test_damaged_store_is_reported_and_repaired(cluster, monitor, gates, workdir):
     out = workdir / "damaged"
-    dp.coactivation_stats(str(gates[0]), out, tile=TILE, row_chunk=ROW_CHUNK, client=monitor)
+    dp.coactivation_stats(str(gates[0]), out, tile=TILE, row_chunk=ROW_CHUNK, split_every=SPLIT_EVERY, client=monitor)
     deleted = out / "pair_sum" / "c" / "0" / "3"
     truncated = out / "pair_count" / "c" / "2" / "5"
     assert deleted.exists() and truncated.exists()
