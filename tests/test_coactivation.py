@@ -358,6 +358,9 @@ def test_default_split_every_streams_when_the_tiles_make_enough_groups():
     assert coact.default_split_every(mem, 4096, 10, 1024, sparse=True) == 10           # 10 tiles
     assert coact.default_split_every(mem, 4096, 10, 1024) == coact.DEFAULT_SPLIT_EVERY
     assert coact.default_split_every(mem, 2048, 10, 1024, sparse=True) == coact.DEFAULT_SPLIT_EVERY  # 3 tiles
+    # ... unless the tree's leaf accumulators are small beside the gates (2 leaves × 10 tiles × 16 MiB)
+    assert coact.default_split_every(mem, 4096, 8, 1024, sparse=True, input_bytes=256e6) == coact.DEFAULT_SPLIT_EVERY
+    assert coact.default_split_every(mem, 4096, 8, 1024, sparse=True, input_bytes=100e6) == 8
 
 
 def test_groups_are_balanced():
