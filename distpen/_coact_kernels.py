@@ -338,6 +338,25 @@ def scatter_pairs(csr_a, csr_b, i0: int, i1: int, j0: int, j1: int, diag: bool,
 
 
 @njit(**_OPTS)
+def _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, acc_sum, acc_cnt):
+    """Add one row's in-group pair products straight into the flat accumulators."""
+    for p in range(p0, p1):
+        a = cols[p] - lo
+        I = blk[a]
+        if not row_used[I]:
+            continue
+        xa = vals[p]
+        for q in range(p, p1):
+            b = cols[q] - lo
+            J = blk[b]
+            s = slot_of[I, J]
+            if s >= 0:
+                o = s * T * T + (a - I * T) * T + (b - J * T)
+                acc_sum[o] += xa * vals[q]
+                acc_cnt[o] += 1
+
+
+@njit(**_OPTS)
 def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, start, fill, buf_off, buf_val):
     rows = indptr.shape[0] - 1
     n_blocks = slot_of.shape[0]
@@ -366,20 +385,7 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
                     n_row += p1 - p
             if total + n_row > cap:
                 if r_end == r:  # one row alone exceeds the buffers: add it directly
-                    for p in range(p0, p1):
-                        a = cols[p] - lo
-                        I = blk[a]
-                        if not row_used[I]:
-                            continue
-                        xa = vals[p]
-                        for q in range(p, p1):
-                            b = cols[q] - lo
-                            J = blk[b]
-                            s = slot_of[I, J]
-                            if s >= 0:
-                                o = s * TT + (a - I * T) * T + (b - J * T)
-                                acc_sum[o] += xa * vals[q]
-                                acc_cnt[o] += 1
+                    _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, acc_sum, acc_cnt)
                     r_end += 1
                 break
             for p in range(p0, p1):
