@@ -224,6 +224,35 @@ def _combine(*parts) -> dict:
     return ker.combine_partials(list(parts))
 
 
+def _cached_chunk(key, need: int, budget: int, build):
+    """This worker's chunk cache (first come, never evicted, until the job ends).
+
+    Returns the cached value of ``key``, or ``build(keep)``'s first result. ``need`` bytes (an upper
+    bound) are reserved before building when they fit ``budget``; ``build`` is told whether they
+    were (``keep``) and returns ``(value, stored)``: ``stored`` (arrays, or a marker string) is
+    cached under ``key`` when it is not None. The reservation is given back whatever ``build``
+    does, an error included.
+    """
+    hit = _CHUNKS.get(key)
+    if hit is not None:
+        return hit
+    with _CHUNKS_LOCK:
+        keep = _CHUNKS_USED[0] + need <= budget
+        if keep:
+            _CHUNKS_USED[0] += need
+    try:
+        value, stored = build(keep)
+    finally:
+        if keep:
+            with _CHUNKS_LOCK:
+                _CHUNKS_USED[0] -= need
+    if keep and stored is not None:
+        with _CHUNKS_LOCK:
+            _CHUNKS_USED[0] += 0 if isinstance(stored, str) else sum(x.nbytes for x in stored)
+            _CHUNKS[key] = stored
+    return value
+
+
 def _topk_chunk(plan: dict, data, base, r0: int, r1: int, lo: int, hi: int, ws):
     """Validated sparse rows of a top-k row chunk: from this worker's chunk cache, or read.
 
@@ -234,29 +263,26 @@ def _topk_chunk(plan: dict, data, base, r0: int, r1: int, lo: int, hi: int, ws):
     A cached chunk holds every atom; the scatter kernel ignores the ones outside the group's span.
     """
     K = plan["k_atoms"]
-    key = plan.get("cache_key")
-    if key is not None:
-        key = (key, r0, r1)
-        hit = _CHUNKS.get(key)
-        if hit is not None:
-            return hit
     (idata, vdata), (ibase, vbase) = data, base
-    idx = _slice(idata, ibase, r0, r1)
-    val = _slice(vdata, vbase, r0, r1)
-    if key is not None:
-        need = 16 * idx.size + 8 * (idx.shape[0] + 1)
-        with _CHUNKS_LOCK:
-            room = _CHUNKS_USED[0] + need <= plan.get("cache_bytes", 0)
-            if room:
-                _CHUNKS_USED[0] += need
-        if room:
+
+    def build(keep):
+        idx = _slice(idata, ibase, r0, r1)
+        val = _slice(vdata, vbase, r0, r1)
+        if keep:
             csr = ker.topk_block_csr(idx, val, 0, K, K, row0=r0, rows=(r0, r1))
             csr = tuple(a.copy() for a in csr)  # trimmed to the chunk's non-zeros
-            with _CHUNKS_LOCK:
-                _CHUNKS_USED[0] -= need - sum(a.nbytes for a in csr)
-                _CHUNKS[key] = csr
-            return csr
-    return ker.topk_block_csr(idx, val, lo, hi, K, row0=r0, rows=(r0, r1), workspace=ws)
+            return csr, csr
+        return ker.topk_block_csr(idx, val, lo, hi, K, row0=r0, rows=(r0, r1), workspace=ws), None
+
+    if plan.get("cache_key") is None:
+        return build(False)[0]
+    n_slots = (r1 - r0) * _row_width(idata)
+    return _cached_chunk((plan["cache_key"], r0, r1), 16 * n_slots + 8 * (r1 - r0 + 1),
+                         plan.get("cache_bytes", 0), build)
+
+
+def _row_width(arr) -> int:
+    return int(arr.shape[1]) if len(arr.shape) > 1 else 1
 
 
 def _dense_chunk(plan: dict, data, base, r0: int, r1: int, ws):
@@ -268,37 +294,25 @@ def _dense_chunk(plan: dict, data, base, r0: int, r1: int, ws):
     only, never on the cache, so the kernels (and the bits of the sums) do not depend on which
     worker ran which group.
     """
-    key = (plan["cache_key"], r0, r1)
-    hit = _CHUNKS.get(key)
-    if hit is not None:
-        return hit if hit != "dense" else None
     K = plan["k_atoms"]
-    need = int(12 * (r1 - r0) * K * 0.125) + 8 * (r1 - r0 + 1)  # at most
-    with _CHUNKS_LOCK:
-        room = _CHUNKS_USED[0] + need <= plan.get("cache_bytes", 0)
-        if room:
-            _CHUNKS_USED[0] += need
-    try:
+
+    def build(keep):
         x = np.ascontiguousarray(_slice(data, base, r0, r1))
         scratch = (np.zeros(K, dtype=np.int64), np.zeros(K), np.zeros(K))  # vectors come from the rows
         _, csr = ker.dense_scan_stats(x, K, *scratch, r0, 0, (r0, r1), workspace=ws)
-        if room and csr is not None:
-            csr = tuple(a.copy() for a in csr)  # out of the workspace, trimmed
-    finally:
-        if room:
-            with _CHUNKS_LOCK:
-                _CHUNKS_USED[0] -= need
-    if room:
-        with _CHUNKS_LOCK:
-            if csr is None:
-                _CHUNKS[key] = "dense"  # remembered: the next group skips straight to its routes
-            else:
-                _CHUNKS_USED[0] += sum(a.nbytes for a in csr)
-                _CHUNKS[key] = csr
-    return csr
+        if not keep:
+            return csr, None
+        if csr is None:
+            return None, "dense"  # remembered: the next group skips straight to its routes
+        csr = tuple(a.copy() for a in csr)  # out of the workspace, trimmed
+        return csr, csr
+
+    need = int(12 * (r1 - r0) * K * 0.125) + 8 * (r1 - r0 + 1)  # at most
+    got = _cached_chunk((plan["cache_key"], r0, r1), need, plan.get("cache_bytes", 0), build)
+    return None if isinstance(got, str) else got
 
 
-#: per-worker cache of validated top-k row chunks of the running job (see _topk_chunk)
+#: per-worker cache of validated row chunks of the running job (see _cached_chunk)
 _CHUNKS: dict = {}
 _CHUNKS_USED = [0]
 _CHUNKS_LOCK = threading.Lock()
