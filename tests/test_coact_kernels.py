@@ -211,6 +211,30 @@ def test_scatter_group_passes_do_not_change_a_bit(cap):
     np.testing.assert_array_equal(c[tiles.index((1, 3))], F[:, 5:10].T @ F[:, 15:20])
 
 
+def test_scatter_group_picks_its_method_from_the_rows_and_both_agree_bit_for_bit():
+    """Dense rows (many pairs per row and tile) go tile by tile, sparse rows over many tiles are
+    bucketed; forcing either method gives the same bits, so the choice never shows in results."""
+    for density, tile, expect in ((0.9, 40, "tile"), (0.02, 5, "bucket")):
+        G = _dense(300, 80, density, 11)
+        nb = -(-80 // tile)
+        tiles = [(i, j) for i in range(nb) for j in range(i, nb)]
+        csr = ker.dense_to_csr(G, 0, ker.dense_scan(G))
+        out = {}
+        for method in (None, "tile", "bucket"):
+            s = np.zeros((len(tiles), tile, tile))
+            c = np.zeros((len(tiles), tile, tile), dtype=np.int64)
+            used = ker.scatter_group(csr, 0, tile, nb, tiles, range(len(tiles)), s, c, ker.ScatterWorkspace(97),
+                                     method=method)
+            assert used == (method or expect)
+            out[method] = (s, c)
+        for method in ("tile", "bucket"):
+            assert np.array_equal(out[method][0], out[None][0]) and np.array_equal(out[method][1], out[None][1])
+        F = (G > 0).astype(np.int64)
+        np.testing.assert_array_equal(out[None][1][tiles.index((0, 1))], F[:, :tile].T @ F[:, tile:2 * tile])
+    with pytest.raises(ValueError, match="method must be"):
+        ker.scatter_group(csr, 0, tile, nb, tiles, range(len(tiles)), s, c, method="dense")
+
+
 def test_scatter_group_rejects_bad_accumulators():
     csr = ker.dense_to_csr(np.eye(4), 0, np.ones(4, dtype=np.int64))
     with pytest.raises(ValueError, match=r"shape \(n_slots, 2, 2\)"):
