@@ -127,6 +127,15 @@ def dense_scan(x: np.ndarray, row0: int = 0, col0: int = 0, rows: tuple[int, int
     return nnz[:, 0]
 
 
+def csr_dtypes(k_atoms: int, gate_dtype) -> tuple:
+    """Column and value dtypes of sparse rows: int32 atom ids while they fit, and the gates' own
+    float dtype (float32 gates stay float32: every kernel multiplies in float64, where the product
+    of two float32 numbers is exact, so the bits of the sums do not depend on this choice)."""
+    cols = np.int32 if int(k_atoms) <= np.iinfo(np.int32).max else np.int64
+    vals = np.float32 if np.dtype(gate_dtype) == np.float32 else np.float64
+    return cols, vals
+
+
 @njit(**_OPTS)
 def _dense_to_csr(x, col0, indptr, cols, vals):
     rows, ncol = x.shape
@@ -155,13 +164,14 @@ def dense_to_csr(x: np.ndarray, col0: int, nnz_rows: np.ndarray):
     Returns
     -------
     indptr : array of shape (n_rows + 1,), int64
-    cols : array of shape (nnz,), int64, sorted within each row
-    vals : array of shape (nnz,), float64
+    cols : array of shape (nnz,), int32 (int64 past 2³¹ atoms), sorted within each row
+    vals : array of shape (nnz,), the gates' dtype (float32 or float64; see :func:`csr_dtypes`)
     """
     indptr = np.zeros(x.shape[0] + 1, dtype=np.int64)
     total = int(nnz_rows.sum())
-    cols = np.empty(total, dtype=np.int64)
-    vals = np.empty(total, dtype=np.float64)
+    cdt, vdt = csr_dtypes(col0 + x.shape[1], x.dtype)
+    cols = np.empty(total, dtype=cdt)
+    vals = np.empty(total, dtype=vdt)
     if total:
         _dense_to_csr(x, col0, indptr, cols, vals)
     return indptr, cols, vals
@@ -246,8 +256,8 @@ def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: 
     Returns
     -------
     indptr : array of shape (n_rows + 1,), int64
-    cols : array of shape (nnz,), int64
-    vals : array of shape (nnz,), float64
+    cols : array of shape (nnz,), int32 (int64 past 2³¹ atoms)
+    vals : array of shape (nnz,), the values' dtype (see :func:`csr_dtypes`)
 
     Raises
     ------
@@ -255,16 +265,17 @@ def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: 
         On an index outside ``[-1, k_atoms)``, a NaN/inf/negative value or a repeated index.
     """
     n, k = idx.shape
+    cdt, vdt = csr_dtypes(k_atoms, val.dtype)
     if idx.size == 0:
-        return np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+        return np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=cdt), np.zeros(0, dtype=vdt)
     if workspace is None:
         indptr = np.empty(n + 1, dtype=np.int64)
-        cols = np.empty(idx.size, dtype=np.int64)
-        vals = np.empty(idx.size, dtype=np.float64)
+        cols = np.empty(idx.size, dtype=cdt)
+        vals = np.empty(idx.size, dtype=vdt)
     else:  # views into reused buffers, valid until the workspace's next call
         indptr = workspace.get("csr_indptr", n + 1, np.int64)
-        cols = workspace.get("csr_cols", idx.size, np.int64)
-        vals = workspace.get("csr_vals", idx.size, np.float64)
+        cols = workspace.get(f"csr_cols_{np.dtype(cdt).name}", idx.size, cdt)
+        vals = workspace.get(f"csr_vals_{np.dtype(vdt).name}", idx.size, vdt)
     indptr[0] = 0
     code, r, a, v = _topk_rows_csr(idx, val, lo, hi, k_atoms, indptr, cols, vals)
     if code != _OK:
@@ -298,10 +309,10 @@ def _scatter_pairs(ipa, ca, va, ipb, cb, vb, i0, i1, j0, j1, diag, acc_sum, acc_
         if diag:
             for p in range(a_lo, a_hi):
                 ap = ca[p] - i0
-                xp = va[p]
+                xp = np.float64(va[p])
                 for q in range(p, a_hi):
                     bq = ca[q] - i0
-                    acc_sum[ap, bq] += xp * va[q]
+                    acc_sum[ap, bq] += xp * np.float64(va[q])
                     acc_cnt[ap, bq] += 1
         else:
             b_lo = _lower_bound(cb, ipb[r], ipb[r + 1], j0)
@@ -310,10 +321,10 @@ def _scatter_pairs(ipa, ca, va, ipb, cb, vb, i0, i1, j0, j1, diag, acc_sum, acc_
                 continue
             for p in range(a_lo, a_hi):
                 ap = ca[p] - i0
-                xp = va[p]
+                xp = np.float64(va[p])
                 for q in range(b_lo, b_hi):
                     bq = cb[q] - j0
-                    acc_sum[ap, bq] += xp * vb[q]
+                    acc_sum[ap, bq] += xp * np.float64(vb[q])
                     acc_cnt[ap, bq] += 1
 
 
@@ -345,14 +356,14 @@ def _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, acc_sum, acc_cnt
         I = blk[a]
         if not row_used[I]:
             continue
-        xa = vals[p]
+        xa = np.float64(vals[p])
         for q in range(p, p1):
             b = cols[q] - lo
             J = blk[b]
             s = slot_of[I, J]
             if s >= 0:
                 o = s * T * T + (a - I * T) * T + (b - J * T)
-                acc_sum[o] += xa * vals[q]
+                acc_sum[o] += xa * np.float64(vals[q])
                 acc_cnt[o] += 1
 
 
@@ -408,7 +419,7 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
                     I = blk[a]
                     if not row_used[I]:
                         continue
-                    xa = vals[p]
+                    xa = np.float64(vals[p])
                     e = fill[a]
                     for q in range(p, p1):
                         b = cols[q] - lo
@@ -416,7 +427,7 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
                         s = slot_of[I, J]
                         if s >= 0:
                             buf_off[e] = s * TT + (b - J * T)
-                            buf_val[e] = xa * vals[q]
+                            buf_val[e] = xa * np.float64(vals[q])
                             e += 1
                     fill[a] = e
             # pass 3: atom by atom; all of atom a's updates land in row a of its tiles (cache resident)
@@ -666,11 +677,12 @@ def dense_scan_stats(x: np.ndarray, tile: int, fire: np.ndarray, gsum: np.ndarra
     if workspace is not None:
         cap = max(1, int(x.size * max_density))
         indptr = workspace.get("dense_indptr", x.shape[0] + 1, np.int64)
-        cols = workspace.get("dense_cols", cap, np.int64)
-        vals = workspace.get("dense_vals", cap, np.float64)
+        cdt, vdt = csr_dtypes(col0 + x.shape[1], x.dtype)
+        cols = workspace.get(f"dense_cols_{np.dtype(cdt).name}", cap, cdt)
+        vals = workspace.get(f"dense_vals_{np.dtype(vdt).name}", cap, vdt)
         indptr[0] = 0
     else:
-        indptr, cols, vals = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
+        indptr, cols, vals = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=x.dtype)
     code, r, c, p = _dense_scan_stats(x, tile, nnz, fire, gsum, gsq, col0, indptr, cols, vals)
     if code != _OK:
         raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
@@ -687,7 +699,7 @@ def _csr_vector_stats(ip, c, v, c0, c1, fire, gsum, gsq):
         hi = _lower_bound(c, lo, ip[r + 1], c1)
         for p in range(lo, hi):
             a = c[p] - c0
-            x = v[p]
+            x = np.float64(v[p])
             fire[a] += 1
             gsum[a] += x
             gsq[a] += x * x

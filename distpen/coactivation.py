@@ -38,6 +38,7 @@ import numpy as np
 
 from . import _coact_kernels as ker
 from ._alloc import POOL
+from ._chunkread import read_rows
 from ._validation import check_finite_scalar, check_positive_int
 from .errors import (GateDataError, InvalidArgumentError, ShapeMismatchError,
                      StoreConflictError, StoreCorruptError)
@@ -135,9 +136,11 @@ def _parse_unit(u: str):
 
 # ============================================================================ tasks (run on workers)
 def _slice(data, base, r0, r1, c0=None, c1=None):
-    if c0 is None:
-        return np.asarray(data[r0 - base:r1 - base])
-    return np.asarray(data[r0 - base:r1 - base, c0:c1])
+    """Rows ``[r0, r1)`` (columns ``[c0, c1)``) of a source whose row 0 is row ``base``, as numpy.
+
+    Local Zarr arrays are decoded straight from their chunk files (:mod:`distpen._chunkread`).
+    """
+    return read_rows(data, r0 - base, r1 - base, c0, c1)
 
 
 def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
@@ -248,9 +251,14 @@ def _cached_chunk(key, need: int, budget: int, build):
                 _CHUNKS_USED[0] -= need
     if keep and stored is not None:
         with _CHUNKS_LOCK:
-            _CHUNKS_USED[0] += 0 if isinstance(stored, str) else sum(x.nbytes for x in stored)
+            _CHUNKS_USED[0] += 0 if isinstance(stored, str) else sum(_held_bytes(x) for x in stored)
             _CHUNKS[key] = stored
     return value
+
+
+def _held_bytes(x: np.ndarray) -> int:
+    """Bytes an array keeps alive (its base's, for a view)."""
+    return (x.base if isinstance(x.base, np.ndarray) else x).nbytes
 
 
 def _topk_chunk(plan: dict, data, base, r0: int, r1: int, lo: int, hi: int, ws):
@@ -268,17 +276,17 @@ def _topk_chunk(plan: dict, data, base, r0: int, r1: int, lo: int, hi: int, ws):
     def build(keep):
         idx = _slice(idata, ibase, r0, r1)
         val = _slice(vdata, vbase, r0, r1)
-        if keep:
+        if keep:  # fresh arrays sized by the slots, kept as they are (empty slots are few)
             csr = ker.topk_block_csr(idx, val, 0, K, K, row0=r0, rows=(r0, r1))
-            csr = tuple(a.copy() for a in csr)  # trimmed to the chunk's non-zeros
             return csr, csr
         return ker.topk_block_csr(idx, val, lo, hi, K, row0=r0, rows=(r0, r1), workspace=ws), None
 
     if plan.get("cache_key") is None:
         return build(False)[0]
     n_slots = (r1 - r0) * _row_width(idata)
-    return _cached_chunk((plan["cache_key"], r0, r1), 16 * n_slots + 8 * (r1 - r0 + 1),
-                         plan.get("cache_bytes", 0), build)
+    cdt, vdt = ker.csr_dtypes(K, vdata.dtype)
+    need = n_slots * (np.dtype(cdt).itemsize + np.dtype(vdt).itemsize) + 8 * (r1 - r0 + 1)
+    return _cached_chunk((plan["cache_key"], r0, r1), need, plan.get("cache_bytes", 0), build)
 
 
 def _row_width(arr) -> int:
@@ -307,7 +315,9 @@ def _dense_chunk(plan: dict, data, base, r0: int, r1: int, ws):
         csr = tuple(a.copy() for a in csr)  # out of the workspace, trimmed
         return csr, csr
 
-    need = int(12 * (r1 - r0) * K * 0.125) + 8 * (r1 - r0 + 1)  # at most
+    cdt, vdt = ker.csr_dtypes(K, data.dtype)
+    entry = np.dtype(cdt).itemsize + np.dtype(vdt).itemsize
+    need = int(entry * (r1 - r0) * K * 0.125) + 8 * (r1 - r0 + 1)  # at most
     got = _cached_chunk((plan["cache_key"], r0, r1), need, plan.get("cache_bytes", 0), build)
     return None if isinstance(got, str) else got
 

@@ -1,0 +1,100 @@
+"""Direct chunk-file reads of local Zarr arrays equal Zarr's own reads, or defer to them."""
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+from distpen._chunkread import _zstd_size, direct_layout, read_rows
+
+CODECS = {
+    "none": None,
+    "zstd": ZstdCodec(level=1),
+    "zstd-checksum": ZstdCodec(level=3, checksum=True),
+    "blosc": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+    "gzip": GzipCodec(level=1),
+}
+
+RANGES = [(0, 7), (0, 8), (3, 21), (8, 16), (16, 45), (40, 45), (44, 45), (0, 45), (10, 10), (-3, 60)]
+
+
+def _array(tmp_path, name, data, chunks, compressor, fill=0, write_rows=None):
+    arr = zarr.create_array(str(tmp_path / name), shape=data.shape, chunks=chunks, dtype=data.dtype,
+                            compressors=compressor, fill_value=fill)
+    if write_rows is None:
+        arr[...] = data
+    else:
+        for r0, r1 in write_rows:
+            arr[r0:r1] = data[r0:r1]
+    return zarr.open_array(str(tmp_path / name), mode="r")
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_direct_reads_equal_zarr_reads(tmp_path, codec, dtype):
+    rng = np.random.default_rng(0)
+    data = (rng.random((45, 13)) * 100 * (rng.random((45, 13)) < 0.4)).astype(dtype)
+    arr = _array(tmp_path, "a", data, (8, 13), CODECS[codec])
+    assert direct_layout(arr) is not None
+    for r0, r1 in RANGES:
+        got = read_rows(arr, r0, r1)
+        want = data[max(r0, 0):r1]
+        assert got.dtype == data.dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(read_rows(arr, r0, r1, 2, 9), data[max(r0, 0):r1, 2:9])
+
+
+def test_missing_chunks_read_as_the_fill_value(tmp_path):
+    data = np.arange(40 * 3, dtype=np.int32).reshape(40, 3)
+    arr = _array(tmp_path, "a", data, (10, 3), CODECS["zstd"], fill=-1, write_rows=[(0, 10), (30, 40)])
+    got = read_rows(arr, 5, 35)
+    want = data[5:35].copy()
+    want[5:25] = -1
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, arr[5:35])
+
+
+def test_wider_chunks_and_one_dimensional_arrays(tmp_path):
+    data = np.random.default_rng(1).random((30, 5)).astype(np.float32)
+    wide = _array(tmp_path, "w", data, (7, 8), CODECS["blosc"])  # chunks wider than the array
+    assert direct_layout(wide) is not None
+    np.testing.assert_array_equal(read_rows(wide, 3, 29), data[3:29])
+    vec = _array(tmp_path, "v", data[:, 0].copy(), (4,), CODECS["gzip"])
+    assert direct_layout(vec) is not None
+    np.testing.assert_array_equal(read_rows(vec, 2, 27), data[2:27, 0])
+
+
+def test_other_layouts_are_read_by_zarr(tmp_path):
+    data = np.random.default_rng(2).random((20, 6))
+    cols = _array(tmp_path, "c", data, (5, 3), CODECS["zstd"])  # chunked across columns
+    sharded = zarr.create_array(str(tmp_path / "s"), shape=data.shape, chunks=(5, 6), shards=(10, 6),
+                                dtype=data.dtype)
+    sharded[...] = data
+    v2 = zarr.create_array(str(tmp_path / "v2"), shape=data.shape, chunks=(5, 6), dtype=data.dtype,
+                           zarr_format=2)
+    v2[...] = data
+    mem = zarr.create_array(zarr.storage.MemoryStore(), shape=data.shape, chunks=(5, 6), dtype=data.dtype)
+    mem[...] = data
+    for arr in (cols, sharded, v2, mem, data):
+        assert direct_layout(arr) is None
+        np.testing.assert_array_equal(read_rows(arr, 3, 17), data[3:17])
+        np.testing.assert_array_equal(read_rows(arr, 3, 17, 1, 4), data[3:17, 1:4])
+
+
+def test_a_corrupt_chunk_is_an_error_not_a_silent_short_read(tmp_path):
+    data = np.ones((16, 4), dtype=np.float64)
+    arr = _array(tmp_path, "a", data, (8, 4), None)
+    path = tmp_path / "a" / "c" / "1" / "0"
+    path.write_bytes(path.read_bytes()[:-8])  # 8 bytes short
+    np.testing.assert_array_equal(read_rows(arr, 0, 8), data[:8])
+    with pytest.raises(ValueError, match="decodes to 248 bytes, expected 256"):
+        read_rows(arr, 0, 16)
+
+
+def test_zstd_header_size():
+    from numcodecs import Zstd
+
+    for n in (0, 1, 255, 256, 300, 70_000, 5_000_000):
+        assert _zstd_size(Zstd(level=1).encode(np.zeros(n, dtype=np.uint8).tobytes())) in (n, None)
+    assert _zstd_size(Zstd(level=1).encode(np.zeros(70_000, dtype=np.uint8).tobytes())) == 70_000
+    assert _zstd_size(b"not zstd at all") is None
