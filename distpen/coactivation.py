@@ -162,11 +162,18 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
     lo, hi = b_lo * T, min(K, b_hi * T)
     n_span = b_hi - b_lo
     local = [(i - b_lo, j - b_lo) for i, j in tiles]
-    part = ker.new_partial(len(tiles), T, len(diag_blocks), buffer)
+    part = ker.new_partial(len(tiles), T, len(diag_blocks), buffer, plan.get("cnt_dtype", "int64"))
     part["routes"] = np.zeros(2, dtype=np.int64)  # (scatter, blas) decisions
     # dense gates: per-atom vectors of the whole span, accumulated by the validating scan
     col_fire = np.zeros(hi - lo, dtype=np.int64)
     col_gsum, col_gsq = np.zeros(hi - lo), np.zeros(hi - lo)
+    # runs [d0, d1) of diagonal blocks with consecutive block numbers (their vectors are contiguous)
+    diag_runs = []
+    for d, b in enumerate(diag_blocks):
+        if diag_runs and diag_blocks[diag_runs[-1][1] - 1] == b - 1:
+            diag_runs[-1][1] = d + 1
+        else:
+            diag_runs.append([d, d + 1])
     with threadpool_limits(limits=1):
         for r0, r1, data, base in chunks:
             rows = (r0, r1)
@@ -208,9 +215,10 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
                 del x, conv
             else:
                 csr = _topk_chunk(plan, data, base, r0, r1, lo, hi, ws)
-                for d, b in enumerate(diag_blocks):
-                    ker.csr_vector_stats(csr, b * T, min(K, (b + 1) * T), part["fire"][d], part["gsum"][d],
-                                         part["gsq"][d])
+                for d0, d1 in diag_runs:  # one pass over the rows per run of consecutive diagonal blocks
+                    b0, b1 = diag_blocks[d0], diag_blocks[d1 - 1] + 1
+                    ker.csr_vector_stats(csr, b0 * T, min(K, b1 * T), part["fire"][d0:d1].reshape(-1),
+                                         part["gsum"][d0:d1].reshape(-1), part["gsq"][d0:d1].reshape(-1))
                 ker.scatter_group(csr, lo, T, n_span, local, range(len(local)), part["sum"], part["cnt"], ws)
                 part["routes"][0] += len(local)
             part["rows"] += r1 - r0
@@ -336,7 +344,7 @@ def _leaf_and_finalize(plan: dict, chunks: list, out: str, job, fail_units=()) -
     in instead of faulting in ``16·tile²`` bytes per tile again.
     """
     T = plan["tile"]
-    need = ker.partial_nbytes(len(plan["tiles"]), T, len(plan["diag_blocks"]))
+    need = ker.partial_nbytes(len(plan["tiles"]), T, len(plan["diag_blocks"]), plan.get("cnt_dtype", "int64"))
     buf = POOL.take(need)
     cap = plan.get("scatter_pairs", ker.SCATTER_BUFFER_PAIRS)
     ws = _WORKSPACES.pop() if _WORKSPACES else None
@@ -381,13 +389,20 @@ def _finalize(part: dict, plan: dict, out: str, job, fail_units=()) -> dict:
     arrs = {name: group[name] for name in ("pair_sum", "pair_count", "fire_count", "gate_sum", "gate_sq_sum")}
     diag_pos = {b: d for d, b in enumerate(plan["diag_blocks"])}
     written = []
+    counts64 = None
     for s, (i, j) in enumerate(plan["tiles"]):
         i0, i1 = i * T, min(K, (i + 1) * T)
         j0, j1 = j * T, min(K, (j + 1) * T)
         ps = part["sum"][s][:i1 - i0, :j1 - j0]
         pc = part["cnt"][s][:i1 - i0, :j1 - j0]
+        if pc.dtype != np.int64 and counts64 is None:
+            counts64 = np.empty((T, T), dtype=np.int64)  # one buffer converts every tile's counts
         if i == j:
-            ps, pc = ker.symmetrise_diag(ps), ker.symmetrise_diag(pc)
+            ps = ker.symmetrise_diag(ps, out=ps)  # in place: the partial is spent
+            pc = ker.symmetrise_diag(pc, out=pc if pc.dtype == np.int64 else counts64[:i1 - i0, :j1 - j0])
+        elif pc.dtype != np.int64:
+            pc = counts64[:i1 - i0, :j1 - j0]
+            np.copyto(pc, part["cnt"][s][:i1 - i0, :j1 - j0])
         outputs = []
         if i == j:
             d = diag_pos[i]
@@ -717,7 +732,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         diag = sorted(i for i, j in tiles if i == j)
         plan = {"tile": T, "k_atoms": K, "tiles": tiles, "span": (blocks[0], blocks[-1] + 1),
                 "diag_blocks": diag, "form": g.form, "scatter_pairs": scatter_pairs,
-                "cache_key": cache_key, "cache_bytes": cache_bytes}
+                "cache_key": cache_key, "cache_bytes": cache_bytes,
+                "cnt_dtype": np.dtype(ker.count_dtype(N)).name}
         tok = tokenize(fp, tiles, rc, se)
         if n_leaves == 1:  # one task streams every row chunk and writes the tiles itself
             final = dask.delayed(_leaf_and_finalize, pure=True)(

@@ -133,11 +133,26 @@ def test_combine_is_fixed_shape_and_does_not_mutate_inputs():
     assert (a["sum"] == 1.0).all()
 
 
-def test_symmetrise_diag():
-    U = np.triu(np.arange(16.0).reshape(4, 4))
-    S = ker.symmetrise_diag(U)
+@pytest.mark.parametrize("n", [1, 4, 63, 64, 65, 150])
+def test_symmetrise_diag(n):
+    rng = np.random.default_rng(n)
+    A = rng.random((n, n))
+    U = np.triu(A)
+    S = ker.symmetrise_diag(A)  # entries below the diagonal are ignored
     np.testing.assert_array_equal(S, S.T)
     np.testing.assert_array_equal(np.triu(S), U)
+    np.testing.assert_array_equal(S, U + np.triu(U, 1).T)
+    C = rng.integers(0, 9, (n, n))
+    ref = np.triu(C) + np.triu(C, 1).T
+    assert ker.symmetrise_diag(C, out=C) is C  # in place
+    np.testing.assert_array_equal(C, ref)
+    with pytest.raises(ValueError, match="square"):
+        ker.symmetrise_diag(np.zeros((3, 4)))
+    C32 = np.triu(rng.integers(0, 9, (n, n))).astype(np.int32)
+    wide = ker.symmetrise_diag(C32, out=np.empty((n, n), dtype=np.int64))  # converted on the way
+    assert wide.dtype == np.int64 and np.array_equal(wide, C32 + np.triu(C32, 1).T)
+    with pytest.raises(ValueError, match="out must have"):
+        ker.symmetrise_diag(A, out=np.zeros((n, n), dtype=np.float32))
 
 
 @pytest.mark.parametrize("tile", [1, 3, 5, 19])
@@ -256,6 +271,15 @@ def test_topk_csr_in_a_workspace_equals_fresh_arrays():
         for a, b in zip(fresh, reused):
             assert np.array_equal(a, b)
         assert np.all(np.diff(fresh[1][fresh[0][0]:fresh[0][1]]) > 0)  # sorted within a row
+
+
+def test_partial_with_int32_counts():
+    p = ker.new_partial(2, 4, 1, cnt_dtype=np.int32)
+    assert p["cnt"].dtype == np.int32 and p["sum"].dtype == np.float64
+    assert ker.partial_nbytes(2, 4, 1, np.int32) < ker.partial_nbytes(2, 4, 1)
+    buf = np.full(ker.partial_nbytes(2, 4, 1, np.int32), 7, dtype=np.uint8)
+    q = ker.new_partial(2, 4, 1, buf, np.int32)
+    assert not q["cnt"].any() and np.shares_memory(q["cnt"], buf)
 
 
 def test_partial_in_a_reused_buffer_is_zeroed():

@@ -158,6 +158,22 @@ def test_bit_identical_rerun(client, tmp_path):
     assert np.array_equal(a.gate_sq_sum, b.gate_sq_sum)
 
 
+@pytest.mark.parametrize("split_every", [3, 100])
+def test_int32_and_int64_count_accumulators_store_the_same_counts(client, tmp_path, monkeypatch, split_every):
+    """Below 2³¹ tokens the pair counts accumulate in int32; the int64 accumulators used beyond
+    give the same stored (int64) statistics, on the reduction tree and on the streaming plan."""
+    G = mixed_gates(n=600, k=20, seed=8, dtype=np.float32)
+    assert dp._coact_kernels.count_dtype(600) == np.int32
+    assert dp._coact_kernels.count_dtype(2**31) == np.int64
+    a = dp.coactivation_stats(G, tmp_path / "a", row_chunk=40, tile=5, split_every=split_every)
+    monkeypatch.setattr(dp._coact_kernels, "count_dtype", lambda n: np.int64)
+    b = dp.coactivation_stats(G, tmp_path / "b", row_chunk=40, tile=5, split_every=split_every)
+    for name in ("pair_sum", "pair_count"):
+        assert full(a, name).dtype == full(b, name).dtype
+        assert np.array_equal(full(a, name), full(b, name))
+    assert_stats(a, reference(G), rtol=1e-6)
+
+
 def test_merge_of_halves_equals_whole(client, tmp_path):
     G = mixed_gates(n=500, k=21, seed=9)
     whole = dp.coactivation_stats(G, tmp_path / "whole", row_chunk=64, tile=8)
