@@ -185,19 +185,24 @@ def bench_topk(name, n, K, k, workdir, clusters, rows):
         t, st, peak = run_distpen(client, path, os.path.join(workdir, f"st-{name}-{w}"))
         dp_times[w] = (t, peak)
         rows.append((name, f"distpen ({w}w)", t, t, (t_read + t_csr + t_sp) / t, peak))
+    # the same job again on the same workers: their memory is now faulted in (a long-lived cluster)
+    w = max(clusters)
+    t_again, _, peak = run_distpen(clusters[w][1], path, os.path.join(workdir, f"st-{name}-{w}"))
+    dp_times["again"] = (t_again, peak)
+    rows.append((name, f"distpen ({w}w, again)", t_again, t_again, (t_read + t_csr + t_sp) / t_again, peak))
     print(f"  [{name}] scipy.sparse {sp_tps:,.0f} tokens/s (build+product), peak +{mem.extra / 2**30:.2f} GiB; "
-          + ", ".join(f"distpen {w}w {n / t:,.0f} tokens/s ({n / t / sp_tps:.1f}×), worker peak "
-                      f"{p / 2**30:.2f} GiB" for w, (t, p) in sorted(dp_times.items())), flush=True)
+          + ", ".join(f"distpen {w if w == 'again' else f'{w}w'} {n / t:,.0f} tokens/s ({n / t / sp_tps:.1f}×), "
+                      f"worker peak {p / 2**30:.2f} GiB" for w, (t, p) in dp_times.items()), flush=True)
     return sp_tps, dp_times
 
 
 def print_table(rows):
     print()
-    print(f"{'case':<26} {'method':<18} {'compute s':>10} {'end-to-end s':>13} {'peer/distpen':>13} {'peak mem':>10}")
+    print(f"{'case':<26} {'method':<20} {'compute s':>10} {'end-to-end s':>13} {'peer/distpen':>13} {'peak mem':>10}")
     for case, method, tc, te, ratio, peak in rows:
         r = f"{ratio:.2f}×" if ratio is not None else ""
         m = f"{peak / 2**30:.2f} GiB" if peak else ""
-        print(f"{case:<26} {method:<18} {tc:>10.2f} {te:>13.2f} {r:>13} {m:>10}")
+        print(f"{case:<26} {method:<20} {tc:>10.2f} {te:>13.2f} {r:>13} {m:>10}")
 
 
 def main(argv=None):
@@ -252,8 +257,10 @@ def main(argv=None):
                 name = f"top-k {n}x{K} k={k}"
                 sp_tps, dpt = bench_topk(name, n, K, k, workdir, clusters, rows)
                 t2, p2 = dpt[2]
+                ta = dpt["again"][0]
                 summary.append(f"{name}: distpen (2w) {n / t2:,.0f} tokens/s vs scipy.sparse {sp_tps:,.0f} -> "
-                               f"{n / t2 / sp_tps:.2f}× (target ≥ 3×), worker peak {p2 / 2**30:.2f} GiB (≤ 4 GiB)")
+                               f"{n / t2 / sp_tps:.2f}× (target ≥ 3×; the same job again on the same workers "
+                               f"{n / ta / sp_tps:.2f}×), worker peak {p2 / 2**30:.2f} GiB (≤ 4 GiB)")
             finally:
                 for cl, c in clusters.values():
                     c.close()

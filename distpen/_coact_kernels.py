@@ -443,8 +443,9 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
         r = r_end
 
 
-#: pair products bucketed per pass of :func:`scatter_group` (12 bytes each: 192 MiB)
-SCATTER_BUFFER_PAIRS = 1 << 24
+#: pair products bucketed per pass of :func:`scatter_group` (12 bytes each: 384 MiB). Fewer, larger
+#: passes touch each accumulator row more often per pass: 32 Mi pairs scatter ~8% faster than 16 Mi.
+SCATTER_BUFFER_PAIRS = 1 << 25
 
 
 class ScatterWorkspace:

@@ -685,8 +685,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         pending = [t for t in pending if t in wanted]
     streaming = math.ceil(math.ceil(N / rc) / se) == 1
     groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1)
-    # pair products bucketed per scatter pass (12 bytes each): at most 1/16 of a worker's memory
-    scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (16 * 12))))
+    # pair products bucketed per scatter pass (12 bytes each): at most 1/10 of a worker's memory
+    scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (10 * 12))))
     # when every group reads every chunk, workers keep the sparse rows they read, within 1/8 of memory
     cache_key = job.fingerprint if streaming and len(groups) > 1 else None
     cache_bytes = int(mem // 8)
