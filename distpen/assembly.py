@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._alloc import zeros
+from ._chunkio import write_chunk
 from ._broadcast import BROADCASTS
 from ._sources import VectorSource, as_vector_source, is_dask_array, is_zarr_array
 from ._validation import check_finite_scalar, check_positive_int
@@ -719,7 +720,7 @@ def _run_tiles(tasks, n_tiles, t_src, t_payload, rho, scale, S_array, H, threads
             norm = float(np.linalg.norm(block))
             written = norm > 0
             if written:
-                H[task.r0:task.r1, task.c0:task.c1] = block
+                write_chunk(H, divmod(task.key, n_tiles), block)
             if job is not None:
                 unit, rel = _tile_unit(task.key, n_tiles)
                 job.mark_done(unit, outputs=[rel] if written else [], info={"norm": norm, "written": written})

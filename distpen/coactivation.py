@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _coact_kernels as ker
 from ._alloc import POOL
-from ._chunkread import read_rows
+from ._chunkio import read_rows, write_chunk
 from ._validation import check_finite_scalar, check_positive_int
 from .errors import (GateDataError, InvalidArgumentError, ShapeMismatchError,
                      StoreConflictError, StoreCorruptError)
@@ -138,7 +138,7 @@ def _parse_unit(u: str):
 def _slice(data, base, r0, r1, c0=None, c1=None):
     """Rows ``[r0, r1)`` (columns ``[c0, c1)``) of a source whose row 0 is row ``base``, as numpy.
 
-    Local Zarr arrays are decoded straight from their chunk files (:mod:`distpen._chunkread`).
+    Local Zarr arrays are decoded straight from their chunk files (:mod:`distpen._chunkio`).
     """
     return read_rows(data, r0 - base, r1 - base, c0, c1)
 
@@ -411,8 +411,8 @@ def _finalize(part: dict, plan: dict, out: str, job, fail_units=()) -> dict:
                 arrs[name][i0:i1] = part[key][d][:n]
                 outputs.append(f"{name}/" + arrs[name].metadata.chunk_key_encoding.encode_chunk_key((i,)))
         nonzero = bool(pc.any() or ps.any())
-        arrs["pair_sum"][i0:i1, j0:j1] = ps
-        arrs["pair_count"][i0:i1, j0:j1] = pc
+        write_chunk(arrs["pair_sum"], (i, j), ps)
+        write_chunk(arrs["pair_count"], (i, j), pc)
         for name in ("pair_sum", "pair_count"):
             outputs.append(f"{name}/" + arrs[name].metadata.chunk_key_encoding.encode_chunk_key((i, j)))
         outputs = [o for o in outputs if os.path.exists(os.path.join(out, o))]

@@ -5,7 +5,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
-from distpen._chunkread import _zstd_size, direct_layout, read_rows
+from distpen._chunkio import _zstd_size, direct_layout, read_rows, write_chunk
 
 CODECS = {
     "none": None,
@@ -98,3 +98,46 @@ def test_zstd_header_size():
         assert _zstd_size(Zstd(level=1).encode(np.zeros(n, dtype=np.uint8).tobytes())) in (n, None)
     assert _zstd_size(Zstd(level=1).encode(np.zeros(70_000, dtype=np.uint8).tobytes())) == 70_000
     assert _zstd_size(b"not zstd at all") is None
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("dtype", [np.float64, np.int32])
+def test_direct_writes_read_back_through_zarr(tmp_path, codec, dtype):
+    """Chunks written directly are what Zarr writes: Zarr reads them back, fill-only chunks are
+    absent, and edge chunks (smaller than the chunk shape) go through Zarr."""
+    rng = np.random.default_rng(3)
+    arr = zarr.create_array(str(tmp_path / "a"), shape=(20, 14), chunks=(8, 6), dtype=dtype,
+                            compressors=CODECS[codec], fill_value=0)
+    assert direct_layout(arr, rows=False) is not None
+    want = np.zeros((20, 14), dtype=dtype)
+    for I in range(3):
+        for J in range(3):
+            shape = (min(8, 20 - 8 * I), min(6, 14 - 6 * J))
+            block = (rng.random(shape) * 50 * (rng.random(shape) < 0.5)).astype(dtype)
+            if (I, J) == (1, 1):
+                block[...] = 0  # a fill-only chunk is not written
+            write_chunk(arr, (I, J), block)
+            want[8 * I:8 * I + shape[0], 6 * J:6 * J + shape[1]] = block
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "a"), mode="r")[...], want)
+    assert not (tmp_path / "a" / "c" / "1" / "1").exists()
+    assert (tmp_path / "a" / "c" / "0" / "0").exists()
+    assert not [p for p in (tmp_path / "a").rglob("*.tmp-*")]  # no temporary file left behind
+    # rewriting a chunk with the fill value removes its file, as Zarr does
+    write_chunk(arr, (0, 0), np.zeros((8, 6), dtype=dtype))
+    assert not (tmp_path / "a" / "c" / "0" / "0").exists()
+    np.testing.assert_array_equal(arr[0:8, 0:6], 0)
+
+
+def test_write_chunk_defers_to_zarr_and_checks_coords(tmp_path):
+    data = np.arange(36.0).reshape(6, 6)
+    mem = zarr.create_array(zarr.storage.MemoryStore(), shape=(12, 12), chunks=(6, 6), dtype=np.float64)
+    write_chunk(mem, (1, 0), data)
+    np.testing.assert_array_equal(mem[6:12, 0:6], data)
+    with pytest.raises(ValueError, match="one chunk index per dimension"):
+        write_chunk(mem, (1,), data)
+    ro = zarr.create_array(str(tmp_path / "r"), shape=(12, 12), chunks=(6, 6), dtype=np.float64)
+    with pytest.raises(Exception):  # a read-only array refuses, through Zarr
+        write_chunk(zarr.open_array(str(tmp_path / "r"), mode="r"), (0, 0), data)
+    assert not (tmp_path / "r" / "c" / "0" / "0").exists()
+    write_chunk(ro, (0, 1), data)
+    np.testing.assert_array_equal(ro[0:6, 6:12], data)
