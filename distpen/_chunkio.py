@@ -221,8 +221,9 @@ def write_chunk(arr, coords, block: np.ndarray) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
+        if not _write_direct(tmp, payload):
+            with open(tmp, "wb") as f:
+                f.write(payload)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -230,3 +231,67 @@ def write_chunk(arr, coords, block: np.ndarray) -> None:
         except OSError:
             pass
         raise
+
+
+#: chunk files of at least this many bytes are written with O_DIRECT (see :func:`_write_direct`);
+#: ``DISTPEN_DIRECT_IO=0`` in the environment turns direct writes off
+DIRECT_IO_MIN_BYTES = 1 << 20
+_ALIGN = 4096
+_STAGING = threading.local()
+
+
+def _direct_io_enabled() -> bool:
+    return hasattr(os, "O_DIRECT") and os.environ.get("DISTPEN_DIRECT_IO", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+def _staging(nbytes: int) -> np.ndarray:
+    """This thread's page-aligned staging buffer of at least ``nbytes`` bytes (reused)."""
+    import mmap
+
+    buf = getattr(_STAGING, "buf", None)
+    if buf is None or buf.shape[0] < nbytes:
+        size = -(-nbytes // (1 << 20)) * (1 << 20)
+        _STAGING.buf = buf = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)  # anonymous: page-aligned
+    return buf
+
+
+def _write_direct(path: str, payload) -> bool:
+    """Write ``payload`` to a new file ``path`` with O_DIRECT, bypassing the page cache.
+
+    Tiles are the bulk of a job's output and are not read back by the job: through the page cache
+    each one first takes fresh memory (counted against a container's memory limit, and slow to
+    fault in on a virtual machine: 0.5 GB/s on a fresh one here, against 1.7-2 GB/s for two
+    processes writing 8 MB tiles with O_DIRECT). The payload is copied into an aligned buffer,
+    written in whole 4 KiB blocks and the file truncated to its size. Returns False (nothing
+    written) for small payloads, when direct writes are turned off, or where the file system
+    refuses O_DIRECT, so that the caller writes through the page cache instead.
+    """
+    view = memoryview(payload).cast("B")
+    n = view.nbytes
+    if n < DIRECT_IO_MIN_BYTES or not _direct_io_enabled():
+        return False
+    padded = -(-n // _ALIGN) * _ALIGN
+    buf = _staging(padded)
+    buf[:n] = np.frombuffer(view, dtype=np.uint8)
+    buf[n:padded] = 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:  # e.g. tmpfs: no O_DIRECT
+        return False
+    try:
+        done = 0
+        mv = memoryview(buf)
+        while done < padded:
+            k = os.write(fd, mv[done:padded])
+            if k <= 0 or k % _ALIGN:
+                raise OSError(f"short direct write to {path}")
+            done += k
+        if padded != n:
+            os.ftruncate(fd, n)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        return False
+    os.close(fd)
+    return True

@@ -380,39 +380,59 @@ def _release_buffers() -> int:
     return n + POOL.clear()
 
 
+#: threads that encode and write a group's tiles: one tile's direct write waits on the disk while
+#: the next one is encoded
+_FINALIZE_THREADS = 2
+
+
 def _finalize(part: dict, plan: dict, out: str, job, fail_units=()) -> dict:
-    """Write the group's tiles (and the vectors of its diagonal blocks), each followed by its marker."""
+    """Write the group's tiles (and the vectors of its diagonal blocks), each followed by its marker.
+
+    Tiles are written by :data:`_FINALIZE_THREADS` threads; every tile's marker follows its own
+    chunks, and the task returns (or raises the first error) only when every write has ended.
+    """
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
     import zarr
 
     T, K = plan["tile"], plan["k_atoms"]
     group = zarr.open_group(out, mode="r+")
     arrs = {name: group[name] for name in ("pair_sum", "pair_count", "fire_count", "gate_sum", "gate_sq_sum")}
     diag_pos = {b: d for d, b in enumerate(plan["diag_blocks"])}
-    written = []
-    counts64 = None
-    for s, (i, j) in enumerate(plan["tiles"]):
+    convert = part["cnt"].dtype != np.int64
+    buffers = queue.SimpleQueue()  # int64 buffers that convert a tile's counts (one per thread)
+    for _ in range(_FINALIZE_THREADS if convert else 0):
+        buffers.put(np.empty((T, T), dtype=np.int64))
+
+    def one(s, i, j):
         i0, i1 = i * T, min(K, (i + 1) * T)
         j0, j1 = j * T, min(K, (j + 1) * T)
         ps = part["sum"][s][:i1 - i0, :j1 - j0]
         pc = part["cnt"][s][:i1 - i0, :j1 - j0]
-        if pc.dtype != np.int64 and counts64 is None:
-            counts64 = np.empty((T, T), dtype=np.int64)  # one buffer converts every tile's counts
-        if i == j:
-            ps = ker.symmetrise_diag(ps, out=ps)  # in place: the partial is spent
-            pc = ker.symmetrise_diag(pc, out=pc if pc.dtype == np.int64 else counts64[:i1 - i0, :j1 - j0])
-        elif pc.dtype != np.int64:
-            pc = counts64[:i1 - i0, :j1 - j0]
-            np.copyto(pc, part["cnt"][s][:i1 - i0, :j1 - j0])
-        outputs = []
-        if i == j:
-            d = diag_pos[i]
-            n = i1 - i0
-            for name, key in (("fire_count", "fire"), ("gate_sum", "gsum"), ("gate_sq_sum", "gsq")):
-                arrs[name][i0:i1] = part[key][d][:n]
-                outputs.append(f"{name}/" + arrs[name].metadata.chunk_key_encoding.encode_chunk_key((i,)))
-        nonzero = bool(pc.any() or ps.any())
-        write_chunk(arrs["pair_sum"], (i, j), ps)
-        write_chunk(arrs["pair_count"], (i, j), pc)
+        buf = buffers.get() if convert else None
+        try:
+            if convert:
+                wide = buf[:i1 - i0, :j1 - j0]
+            if i == j:
+                ps = ker.symmetrise_diag(ps, out=ps)  # in place: the partial is spent
+                pc = ker.symmetrise_diag(pc, out=wide if convert else pc)
+            elif convert:
+                np.copyto(wide, pc)
+                pc = wide
+            outputs = []
+            if i == j:
+                d = diag_pos[i]
+                n = i1 - i0
+                for name, key in (("fire_count", "fire"), ("gate_sum", "gsum"), ("gate_sq_sum", "gsq")):
+                    arrs[name][i0:i1] = part[key][d][:n]
+                    outputs.append(f"{name}/" + arrs[name].metadata.chunk_key_encoding.encode_chunk_key((i,)))
+            nonzero = bool(pc.any() or ps.any())
+            write_chunk(arrs["pair_sum"], (i, j), ps)
+            write_chunk(arrs["pair_count"], (i, j), pc)
+        finally:
+            if convert:
+                buffers.put(buf)
         for name in ("pair_sum", "pair_count"):
             outputs.append(f"{name}/" + arrs[name].metadata.chunk_key_encoding.encode_chunk_key((i, j)))
         outputs = [o for o in outputs if os.path.exists(os.path.join(out, o))]
@@ -420,7 +440,12 @@ def _finalize(part: dict, plan: dict, out: str, job, fail_units=()) -> dict:
         if unit in fail_units:  # test hook: a crash after the chunk write, before the marker
             raise RuntimeError(f"injected fault after writing tile {unit}")
         job.mark_done(unit, outputs, info={"nonzero": nonzero, "rows": int(part["rows"])})
-        written.append(unit)
+        return unit
+
+    with ThreadPoolExecutor(_FINALIZE_THREADS, thread_name_prefix="distpen-finalize") as pool:
+        futures = [pool.submit(one, s, i, j) for s, (i, j) in enumerate(plan["tiles"])]
+    # the pool has waited for every write: report the first error, or the units in tile order
+    written = [f.result() for f in futures]
     return {"units": written, "rows": int(part["rows"]), "routes": part["routes"].tolist()}
 
 
