@@ -737,11 +737,12 @@ def blas_tile(x_i64: np.ndarray, f_i32: np.ndarray, x_j64: np.ndarray | None, f_
     if n_rows == 0:
         return
     if x_j64 is None:
+        # SYRK writes the upper triangle of a zero-initialised result: the lower one adds zeros
+        # (and a diagonal tile's lower triangle is never read: see symmetrise_diag)
         s = blas.dsyrk(1.0, x_i64.T, trans=0, lower=0)
         c = blas.ssyrk(1.0, f_i32.T, trans=0, lower=0)
-        iu = np.triu_indices(n_i)
-        acc_sum[:n_i, :n_i][iu] += s[iu]
-        acc_cnt[:n_i, :n_i][iu] += np.rint(c[iu]).astype(acc_cnt.dtype)
+        acc_sum[:n_i, :n_i] += s
+        acc_cnt[:n_i, :n_i] += np.rint(c).astype(acc_cnt.dtype)
     else:
         n_j = x_j64.shape[1]
         acc_sum[:n_i, :n_j] += x_i64.T @ x_j64
