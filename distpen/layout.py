@@ -217,6 +217,8 @@ class DecoderLayout:
             raise ShapeMismatchError(f"mats has shape {mats.shape}, expected ({atoms.shape[0]}, {p}, {p})")
         if t.shape[0] != int(sizes.sum()) * p:
             raise ShapeMismatchError(f"t has {t.shape[0]} entries, expected {int(sizes.sum()) * p}")
+        if atoms.shape[0] and sizes.min() == sizes.max():  # one block size: a batched matmul, no gather
+            return np.matmul(t.reshape(atoms.shape[0], int(sizes[0]), p), mats).ravel()
         rows = t.reshape(-1, p)
         out = np.empty_like(rows)
         first_row = np.zeros(atoms.shape[0], dtype=np.int64)

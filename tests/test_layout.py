@@ -175,3 +175,23 @@ def test_layout_accepts_whole_floats_refuses_fractions():
     assert dp.DecoderLayout(np.array([1.0, 2.0]), 3).block_sizes.tolist() == [1, 2]
     with pytest.raises(dp.errors.InvalidDtypeError, match="block_sizes must hold integers"):
         dp.DecoderLayout([1.5, 2.0], 3)
+
+
+@pytest.mark.parametrize("sizes", [[3, 3, 3, 3, 3], [1, 4, 2, 4, 1], [2, 2]])
+def test_block_matmul_matches_a_per_atom_loop(sizes):
+    """One batched matmul for equal block sizes, grouped ones for mixed sizes: both equal the loop."""
+    rng = np.random.default_rng(len(sizes))
+    p = 3
+    lay = dp.DecoderLayout(np.array(sizes), p)
+    for atoms in (None, np.array([a for a in range(len(sizes)) if a % 2 == 0])):
+        sel = np.arange(len(sizes)) if atoms is None else atoms
+        mats = rng.random((sel.shape[0], p, p))
+        t = rng.random(int(np.sum(np.array(sizes)[sel])) * p)
+        ref, pos = [], 0
+        for i, a in enumerate(sel):
+            blk = t[pos:pos + sizes[a] * p].reshape(sizes[a], p)
+            ref.append((blk @ mats[i]).ravel())
+            pos += sizes[a] * p
+        np.testing.assert_allclose(lay.block_matmul(t, mats, atoms), np.concatenate(ref), rtol=1e-14)
+    with pytest.raises(ShapeMismatchError, match="mats has shape"):
+        lay.block_matmul(np.zeros(lay.n_coef), np.zeros((1, p, p)))
