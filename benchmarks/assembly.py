@@ -354,6 +354,7 @@ def bench_assembly(args, workdir, summary):
         t_sync = time.perf_counter() - t0
         files, logical, disk = chunk_bytes(out, "H", n, tile)
         tiles_written = int(H.attrs["tiles_written"])
+        codec = ", ".join(type(c).__name__.replace("Codec", "").lower() for c in H.metadata.codecs[1:]) or "no compressor"
         assert files == tiles_written, (files, tiles_written)
         # spot-check tiles against the in-memory penalty
         rng = np.random.default_rng(5)
@@ -392,7 +393,7 @@ def bench_assembly(args, workdir, summary):
     print_table(["what", "time", "tiles/s", "logical MB/s", "on-disk MB/s", "on-disk vs disk bw"], rows)
     n_tiles = -(-n // tile)
     print(f"    {tiles_written} of {n_tiles * n_tiles:,} tiles written: {logical / 2**30:.2f} GiB logical, "
-          f"{disk / 2**30:.2f} GiB on disk (zstd; {disk / logical:.0%}); 2 workers; "
+          f"{disk / 2**30:.2f} GiB on disk ({codec}; {disk / logical:.0%}); 2 workers; "
           f"fsync of the chunks afterwards took {t_sync:.2f} s")
     print(f"    disk write bandwidth measured now in the same directory: {disk_bw:.2f} GB/s "
           f"(sequential 64 MiB writes + fsync); spot-checked {len(errs)} tiles against "
