@@ -400,7 +400,7 @@ def _evaluate_decoder(pen, t, rho, ops, v, out, n_tasks, chunk, split_every, pro
     t0 = time.perf_counter()
     results = [None] * len(plan)
     if job is not None:
-        for unit, m in job._markers().items():
+        for unit, m in job.markers().items():
             results[int(unit.split(".")[1])] = {k: (np.asarray(val) if k == "grad_rho" else val)
                                                  for k, val in m["info"].items()}
     if shared_mode(pen, t_src, v_src):
@@ -1014,7 +1014,7 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
 
     tracker = _Tracker(job, "tiles", len(futs), progress)
     tracker.gather(futs, on_result)
-    markers = job._markers()
+    markers = job.markers()
     written_total = sum(1 for u, m in markers.items() if u.startswith("H.") and m["info"].get("written"))
     seconds = time.perf_counter() - t_start
     H.attrs.update({"tiles_written": int(written_total), "tiles_total": int(n_tiles * n_tiles),

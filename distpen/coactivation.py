@@ -983,7 +983,7 @@ class CoactivationStats:
     def nonzero_tiles(self) -> list:
         """Tiles ``(I, J)``, ``I ≤ J``, that hold any non-zero statistic."""
         out = []
-        markers = self._job._markers()
+        markers = self._job.markers()
         for u in self._job.units:
             m = markers.get(u)
             if m is None or m.get("info", {}).get("nonzero", True):

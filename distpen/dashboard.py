@@ -939,7 +939,7 @@ def tile_occupancy_data(store, stage: str = "assembly", *, max_side: int = 256) 
         prefix = ""
     nt = max(1, -(-n // tile))
     job = rs.job(stage)
-    markers = job._markers()
+    markers = job.markers()
     pool = max(1, -(-nt // max_side))
     side = -(-nt // pool)
     sq = np.zeros((side, side))

@@ -303,7 +303,7 @@ class RunStore:
         for s in stages:
             job = self.job(s)
             missing, mismatched = [], []
-            markers = job._markers()
+            markers = job.markers()
             for unit, marker in markers.items():
                 miss, mism = self._check_marker(unit, marker)
                 missing += miss
@@ -346,7 +346,7 @@ class RunStore:
         """Forget the units whose recorded outputs are missing, truncated or outside the store, so
         that the job recomputes them; returns their ids."""
         damaged = []
-        for unit, marker in job._markers().items():
+        for unit, marker in job.markers().items():
             miss, mism = self._check_marker(unit, marker)
             if miss or mism:
                 job.clear(unit)
@@ -376,7 +376,12 @@ class Job:
             raise InvalidArgumentError(f"invalid unit id {unit!r}")
         return os.path.join(self._dir, "units", unit + ".json")
 
-    def _markers(self) -> dict:
+    def markers(self) -> dict:
+        """Every completed unit's marker (``{unit: marker}``), for the markers of this job only.
+
+        A marker holds the unit id, the job's fingerprint, the sizes of the files the unit wrote
+        (``outputs``), the unit's ``info`` and the time it completed.
+        """
         udir = os.path.join(self._dir, "units")
         out = {}
         try:
@@ -393,7 +398,7 @@ class Job:
 
     def done(self) -> set:
         """Ids of the units whose marker belongs to this job."""
-        return set(self._markers())
+        return set(self.markers())
 
     def marker(self, unit) -> dict | None:
         m = _read_json(self._marker_path(unit))

@@ -83,6 +83,10 @@ def test_markers_of_another_job_are_not_trusted(tmp_path):
     with open(tmp_path / "run" / "_distpen" / "s" / "units" / "0.1.json", "w") as f:
         json.dump({"unit": "0.1", "fingerprint": "f" * 64, "outputs": {}}, f)
     assert job.pending() == UNITS
+    assert job.markers() == {}
+    job.mark_done("0.0", info={"rows": 3})
+    m = job.markers()
+    assert list(m) == ["0.0"] and m["0.0"]["info"] == {"rows": 3} and m["0.0"]["fingerprint"] == job.fingerprint
 
 
 def test_failure_is_recorded_and_units_stay_complete(tmp_path):
