@@ -17,10 +17,16 @@ def _cmd_demo(args) -> int:
 
         res = run_penalty_demo(k_atoms=args.atoms, p_out=args.p_out, n_pairs=args.pairs, seed=args.seed, echo=echo)
         return 0 if res["ok"] else 1
-    from .demo import run_pipeline_demo
+    import os
 
+    from .demo import run_pipeline_demo
+    from .security import resolve_security
+
+    security = resolve_security(args.tls, args.tls_ca_file, args.tls_cert, args.tls_key,
+                                address=args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"))
     res = run_pipeline_demo(args.out, n_tokens=args.tokens, k_atoms=args.atoms, p_out=args.p_out,
-                            seed=args.seed, scheduler=args.scheduler, echo=echo, progress=not args.quiet)
+                            seed=args.seed, scheduler=args.scheduler, security=security, echo=echo,
+                            progress=not args.quiet)
     return 0 if res["ok"] else 1
 
 
@@ -42,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     from . import _cli_penalty, _cli_stats
+
+    _cli_stats.add_tls_arguments(demo)
 
     _cli_stats.register(sub)
     _cli_penalty.register(sub)

@@ -130,26 +130,34 @@ def _summary(out) -> str:
 _DEMO_ATTR = "distpen_demo"
 
 
-def _prepare_run_dir(out: str) -> str:
+def _check_run_dir(out: str) -> tuple[str, bool]:
+    """``(absolute path, holds an earlier demo)``; an error if ``out`` holds something else."""
     import json
     import os
-    import shutil
 
     from .errors import StoreConflictError
 
     out = os.path.abspath(out)
+    earlier_demo = False
     if os.path.exists(out):
         try:
             with open(os.path.join(out, "zarr.json")) as f:
                 earlier_demo = bool(json.load(f).get("attributes", {}).get(_DEMO_ATTR))
         except (OSError, ValueError):
             earlier_demo = False
-        if earlier_demo:
-            shutil.rmtree(out)  # a previous demo run: replace it
-        elif os.listdir(out):
+        if not earlier_demo and os.listdir(out):
             raise StoreConflictError(
                 f"--out {out!r} exists and is not a distpen demo run; choose another directory"
             )
+    return out, earlier_demo
+
+
+def _prepare_run_dir(out: str) -> str:
+    import shutil
+
+    out, earlier_demo = _check_run_dir(out)
+    if earlier_demo:
+        shutil.rmtree(out)  # a previous demo run: replace it
     import zarr
 
     root = zarr.open_group(out, mode="w")  # one run store: every stage writes into this group
@@ -170,8 +178,11 @@ def _dense_from_topk(idx_block, val_block, k_atoms):
 def run_pipeline_demo(out: str = "distpen-run", *, n_tokens: int = 1_000_000, k_atoms: int = 4096,
                       topk: int = 32, p_out: int = 64, top_m: int = 8, tile_atoms: int = 128,
                       latent_rows: int = 8192, seed: int = 0, scheduler: str | None = None,
-                      echo=print, progress: bool = True) -> dict:
+                      security=None, echo=print, progress: bool = True) -> dict:
     """The whole pipeline on the embedded default (or ``scheduler``), into one run directory.
+
+    ``security`` (a ``distributed.security.Security``, or True for temporary certificates on the
+    embedded cluster) is passed to :func:`~distpen.cluster.connect`.
 
     synthetic top-k gates → co-activation statistics → pairs → decoder penalty on a random decoder →
     every operation of both penalties → Gauss-Newton tiles (and the factored form) → a Newton step.
@@ -189,8 +200,9 @@ def run_pipeline_demo(out: str = "distpen-run", *, n_tokens: int = 1_000_000, k_
     from .newton import newton_step, save_newton_result
     from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty
 
-    run = _prepare_run_dir(out)
-    client = connect(scheduler)
+    _check_run_dir(out)  # a bad --out fails before any cluster starts; nothing is written ...
+    client = connect(scheduler) if security is None else connect(scheduler, security=security)
+    run = _prepare_run_dir(out)  # ... until the cluster answers
     workers = client.scheduler_info()["workers"]
     rng = np.random.default_rng(seed)
     rows, info = [], {"run": run, "dashboard": client.dashboard_link}

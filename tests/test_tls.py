@@ -110,6 +110,20 @@ def test_cli_over_tls(tls_cluster, certs, tmp_path):
     assert "tiles 3/3" in res.stdout
 
 
+def test_demo_over_tls(tls_cluster, certs, tmp_path):
+    """`distpen demo --scheduler tls://…` takes the same TLS options as the other commands."""
+    c = certs[0]
+    args = ("demo", "--out", tmp_path / "run", "--tokens", 20_000, "--atoms", 256, "--p-out", 16,
+            "--scheduler", tls_cluster.address, "--quiet")
+    res = run_distpen(*args, check=False)                      # no certificates: a one-line error
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("distpen: error: scheduler 'tls://")
+    assert not (tmp_path / "run").exists()
+    run_distpen(*args, "--tls-ca-file", c["ca_file"], "--tls-cert", c["cert"], "--tls-key", c["key"])
+    st = dp.open_stats(tmp_path / "run")
+    assert st.n_tokens == 20_000 and st.k_atoms == 256
+
+
 def test_resolve_security_options(certs, monkeypatch):
     c = certs[0]
     assert resolve_security() is None
