@@ -56,6 +56,13 @@ def open_vector(path: str, name: str):
     return node
 
 
+def _join(out: str, name: str) -> str:
+    """Where ``name`` lies in the store ``out`` (a path or a URL)."""
+    from .store import is_url
+
+    return out.rstrip("/") + "/" + name if is_url(out) else os.path.join(out, name)
+
+
 def _parse_floats(text: str | None, name: str) -> np.ndarray:
     if text is None or text == "":
         return np.zeros(0)
@@ -85,31 +92,65 @@ def _bar(desc, quiet):
     return _Bar(desc, "task", quiet)
 
 
+class _Out:
+    """``--out`` as a local directory: an fsspec URL store (``s3://``, ``gs://``...) is staged in a
+    local directory the workers share and mirrored back when the command ends — after a failure
+    too, as for ``distpen coactivation``: completed tiles and parts carry their markers, so a re-run
+    resumes from the URL. A local path, or no ``--out``, is used as it is."""
+
+    def __init__(self, out, client):
+        from .store import staged_store
+
+        self.url, self.client = out, client
+        self._staged = None if out is None else staged_store(out)
+
+    def __enter__(self):
+        from .store import check_workers_see, is_url
+
+        if self._staged is None:
+            return None
+        local = self._staged.__enter__()
+        if is_url(self.url):
+            try:
+                check_workers_see(self.client, local)
+            except BaseException:
+                self._staged.push = False
+                self._staged.__exit__(None, None, None)
+                raise
+        return local
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._staged is None:
+            return False
+        return self._staged.__exit__(exc_type, exc, tb)
+
+
 def run_evaluate(args) -> int:
     from .assembly import evaluate
 
     pen, t, rho = _inputs(args)
     v = open_vector(args.v, "--v")
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
-    _client(args)
+    client = _client(args)
     bar = _bar("evaluate", args.quiet)
+    summary = {}
     try:
-        res = evaluate(pen, t, rho, ops=ops, v=v, out=args.out, overwrite=args.overwrite,
-                       progress=lambda label, done, total: bar.update(done, total))
+        with _Out(args.out, client) as out:
+            res = evaluate(pen, t, rho, ops=ops, v=v, out=out, overwrite=args.overwrite,
+                           progress=lambda label, done, total: bar.update(done, total))
+            for name, val in res.items():  # summarised while a staged store is still there
+                if val is None:
+                    summary[name] = None
+                elif name == "value":
+                    summary[name] = val
+                elif name == "grad_rho":
+                    summary[name] = [float(x) for x in np.asarray(val)]
+                elif args.out is not None and hasattr(val, "store"):
+                    summary[name] = _join(args.out, name)
+                else:
+                    summary[name] = {"norm": float(np.linalg.norm(np.asarray(val)))}
     finally:
         bar.close()
-    summary = {}
-    for name, val in res.items():
-        if val is None:
-            summary[name] = None
-        elif name == "value":
-            summary[name] = val
-        elif name == "grad_rho":
-            summary[name] = [float(x) for x in np.asarray(val)]
-        elif args.out is not None and hasattr(val, "store"):
-            summary[name] = os.path.join(args.out, name)
-        else:
-            summary[name] = {"norm": float(np.linalg.norm(np.asarray(val)))}
     if not args.quiet:
         print(json.dumps(summary, indent=1) if args.json else
               "\n".join(f"{k:<20} {v}" for k, v in summary.items()))
@@ -120,22 +161,24 @@ def run_assemble(args) -> int:
     from .assembly import assemble_majorizer
 
     pen, t, rho = _inputs(args)
-    _client(args)
+    client = _client(args)
     bar = _bar("assemble", args.quiet)
     try:
-        H = assemble_majorizer(pen, t, rho, args.out, scale=args.scale, tile=args.tile, format=args.format,
-                               overwrite=args.overwrite,
-                               progress=lambda label, done, total: bar.update(done, total, phase=label))
+        with _Out(args.out, client) as out:
+            H = assemble_majorizer(pen, t, rho, out, scale=args.scale, tile=args.tile, format=args.format,
+                                   overwrite=args.overwrite,
+                                   progress=lambda label, done, total: bar.update(done, total, phase=label))
+            if args.format == "factored":
+                line = f"factored majorizer of {pen.n_coef:,} coefficients: S, pairs and decoder in {args.out}"
+            else:
+                a = dict(H.attrs)
+                line = (f"{_join(args.out, 'H')}: {H.shape[0]:,} × {H.shape[1]:,} in {H.chunks[0]}² tiles, "
+                        f"{a.get('tiles_written')} of {a.get('tiles_total')} tiles written "
+                        f"({a.get('tiles_computed_this_run')} computed now)")
     finally:
         bar.close()
     if not args.quiet:
-        if args.format == "factored":
-            print(f"factored majorizer of {pen.n_coef:,} coefficients: S, pairs and decoder in {args.out}")
-        else:
-            a = dict(H.attrs)
-            print(f"{args.out}/H: {H.shape[0]:,} × {H.shape[1]:,} in {H.chunks[0]}² tiles, "
-                  f"{a.get('tiles_written')} of {a.get('tiles_total')} tiles written "
-                  f"({a.get('tiles_computed_this_run')} computed now)")
+        print(line)
     return 0
 
 
@@ -144,29 +187,30 @@ def run_newton(args) -> int:
     from .newton import newton_recorder, newton_step, save_newton_result
 
     pen, t, rho = _inputs(args)
-    _client(args)
+    client = _client(args)
     t_np = np.asarray(t[...] if hasattr(t, "store") else t, dtype=np.float64).ravel()
     if args.rhs is not None:
         rhs = np.asarray(open_vector(args.rhs, "--rhs")[...], dtype=np.float64).ravel()
     else:
         rhs = -np.asarray(evaluate(pen, t_np, rho, ops=("grad",))["grad"])
     bar = _bar("newton", args.quiet)
-    record = newton_recorder(args.out, t_np.shape[0]) if args.out is not None else None
-
-    def callback(it, r):
-        bar.update(it, args.maxiter, residual=f"{r:.2e}")
-        if record is not None:
-            record(it, r)
-
     try:
-        res = newton_step(pen, t_np, rho, rhs, damping=args.damping, tol=args.tol, maxiter=args.maxiter,
-                          precond=args.precond, callback=callback)
+        with _Out(args.out, client) as out:
+            record = newton_recorder(out, t_np.shape[0]) if out is not None else None
+
+            def callback(it, r):
+                bar.update(it, args.maxiter, residual=f"{r:.2e}")
+                if record is not None:
+                    record(it, r)
+
+            res = newton_step(pen, t_np, rho, rhs, damping=args.damping, tol=args.tol, maxiter=args.maxiter,
+                              precond=args.precond, callback=callback)
+            if out is not None:
+                save_newton_result(out, res)
     finally:
         bar.close()
-    if args.out is not None:
-        save_newton_result(args.out, res)
     if not args.quiet:
-        where = f"; x in {os.path.join(args.out, 'newton_x')}" if args.out else ""
+        where = f"; x in {_join(args.out, 'newton_x')}" if args.out else ""
         print(f"newton ({args.precond}): {res.iterations} iterations, converged={res.converged}, "
               f"relative residual {res.residuals[-1]:.2e}, {res.seconds:.2f} s{where}")
     return 0 if res.converged else 1
@@ -180,7 +224,8 @@ def register(sub) -> None:
         p.add_argument("--pairs", help="PairTable store (decoder penalty)")
         p.add_argument("--t", required=True, help="target vector: Zarr array or .npy")
         p.add_argument("--rho", help="comma-separated ρ slice (default zeros)")
-        p.add_argument("--out", required=out_required, help="run store directory")
+        p.add_argument("--out", required=out_required,
+                       help="run store: a directory, or an fsspec URL (s3://, gs://...) staged locally")
         p.add_argument("--overwrite", action="store_true", help="replace a different job in --out")
         _common(p)  # --scheduler, --quiet and the TLS options, as for every command
 
