@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["read_rows", "direct_layout", "write_chunk"]
+__all__ = ["read_rows", "direct_layout", "write_chunk", "sweep_temporaries"]
 
 
 class _Layout:
@@ -219,7 +219,7 @@ def write_chunk(arr, coords, block: np.ndarray) -> None:
         return
     payload = lay.encode(data)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = f"{path}{_TEMP_MARK}{os.getpid()}-{threading.get_ident()}"
     try:
         if not _write_direct(tmp, payload):
             with open(tmp, "wb") as f:
@@ -231,6 +231,36 @@ def write_chunk(arr, coords, block: np.ndarray) -> None:
         except OSError:
             pass
         raise
+
+
+#: what marks the temporary file of a chunk being written (``<chunk>.tmp-<pid>-<thread>``)
+_TEMP_MARK = ".tmp-"
+
+
+def sweep_temporaries(directory: str, older_than: float = 600.0) -> int:
+    """Remove the temporary chunk files that writers killed mid-write left under ``directory``.
+
+    Only files older than ``older_than`` seconds are removed, so a writer still at work (another
+    job in the same store) keeps its file. Returns how many were removed. A resumed job calls this
+    on the arrays it writes: the temporary files are harmless (markers, not files, say which tiles
+    are complete, and Zarr never reads them), but they take disk space.
+    """
+    import time
+
+    cutoff = time.time() - float(older_than)
+    removed = 0
+    for d, _, files in os.walk(directory):
+        for name in files:
+            if _TEMP_MARK not in name:
+                continue
+            path = os.path.join(d, name)
+            try:
+                if os.stat(path).st_mtime < cutoff:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:  # its writer finished (renamed it) meanwhile
+                pass
+    return removed
 
 
 #: chunk files of at least this many bytes are written with O_DIRECT (see :func:`_write_direct`);

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._alloc import zeros
-from ._chunkio import write_chunk
+from ._chunkio import sweep_temporaries, write_chunk
 from ._broadcast import BROADCASTS
 from ._sources import VectorSource, as_vector_source, is_dask_array, is_zarr_array
 from ._validation import check_finite_scalar, check_positive_int
@@ -993,6 +993,8 @@ def assemble_majorizer(penalty: Penalty, t, rho, out, *, scale: float = 1.0, til
         return fm
 
     # stage 2: tiles, each written by exactly one task; only the missing ones on a re-run
+    if not fresh:  # a resumed job: drop what writers killed mid-write left behind
+        sweep_temporaries(_child_path(group, "H"))
     if fresh or "H" not in group:
         H = group.create_array("H", shape=(n, n), chunks=(tile, tile), dtype="f8", fill_value=0.0,
                                overwrite=True, compressors=_tile_codecs(pen, tile, keys.shape[0], compressors))

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import _coact_kernels as ker
 from ._alloc import POOL
-from ._chunkio import read_rows, write_chunk
+from ._chunkio import read_rows, sweep_temporaries, write_chunk
 from ._validation import check_finite_scalar, check_positive_int
 from .errors import (GateDataError, InvalidArgumentError, ShapeMismatchError,
                      StoreConflictError, StoreCorruptError)
@@ -605,6 +605,9 @@ def _prepare_store(out: str, spec: dict, units, meta: dict, overwrite: bool):
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                                compressors=_stats_codecs(name))
     group.attrs.update({"format": _FORMAT, "format_version": _FORMAT_VERSION, **meta})
+    if job.done():  # a resumed job: drop what writers killed mid-write left behind
+        for name in ("pair_sum", "pair_count"):
+            sweep_temporaries(os.path.join(out, name))
     return group, job
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 
 import dask.array as da
 import numpy as np
@@ -199,7 +200,18 @@ def test_interrupted_assembly_resumes_only_missing_tiles(client, tmp_path):
     done_tiles = {u for u in store.job("assembly").done() if u.startswith("H.")}
     assert 0 < len(done_tiles) < len(keys)
     assert store.manifest("assembly")["status"] == "failed"
+    # what a writer killed mid-write leaves: an old temporary file (swept on resume) and, from a
+    # writer that may still be at work, a fresh one (kept)
+    cdir = os.path.join(out, "H", "c", "0")
+    os.makedirs(cdir, exist_ok=True)
+    stale, fresh = os.path.join(cdir, "0.tmp-1-2"), os.path.join(cdir, "1.tmp-3-4")
+    for path in (stale, fresh):
+        with open(path, "wb") as f:
+            f.write(b"half a chunk")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     H = assemble_majorizer(pen, beta, rho, out, tile=tile, tiles_per_task=3)
+    assert not os.path.exists(stale) and os.path.exists(fresh)
+    os.unlink(fresh)
     assert H.attrs["tiles_computed_this_run"] == len(keys) - len(done_tiles)
     np.testing.assert_allclose(H[...], _dense(pen, beta, rho, 1.0), rtol=0, atol=1e-13)
     assert store.manifest("assembly")["status"] == "done"

@@ -5,7 +5,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
-from distpen._chunkio import _zstd_size, direct_layout, read_rows, write_chunk
+from distpen._chunkio import _zstd_size, direct_layout, read_rows, sweep_temporaries, write_chunk
 
 CODECS = {
     "none": None,
@@ -199,3 +199,21 @@ def test_large_chunks_written_directly_read_back(tmp_path, monkeypatch, codec):
         got = zarr.open_array(str(tmp_path / name), mode="r")[...]
         np.testing.assert_array_equal(got, np.concatenate([data, data[::-1]]))
         assert not [p for p in (tmp_path / name).rglob("*.tmp-*")]
+
+
+def test_sweep_removes_only_old_temporary_files(tmp_path):
+    import os
+    import time
+
+    (tmp_path / "c" / "0").mkdir(parents=True)
+    old_tmp = tmp_path / "c" / "0" / "3.tmp-12-34"
+    new_tmp = tmp_path / "c" / "0" / "4.tmp-12-35"
+    chunk = tmp_path / "c" / "0" / "3"
+    for p in (old_tmp, new_tmp, chunk):
+        p.write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old_tmp, (past, past))
+    os.utime(chunk, (past, past))
+    assert sweep_temporaries(str(tmp_path), older_than=600) == 1
+    assert not old_tmp.exists() and new_tmp.exists() and chunk.exists()
+    assert sweep_temporaries(str(tmp_path / "missing")) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -483,7 +484,12 @@ def test_resume_computes_only_missing_tiles(client, tmp_path, split_every):
     with pytest.raises(StoreCorruptError, match="incomplete: 3 of 10 tiles complete"):
         dp.open_stats(tmp_path / "st")
     before = {u: job.marker(u)["time"] for u in job.done()}
+    stale = tmp_path / "st" / "pair_sum" / "c" / "1" / "1.tmp-99-1"  # a writer killed mid-write
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"half a chunk")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     st = dp.coactivation_stats(G, tmp_path / "st", **args)
+    assert not stale.exists()                                           # swept on resume
     p = job.progress()
     assert p["units_computed"] == 7 and p["units_skipped"] == 3 and p["status"] == "done"
     assert {u: job.marker(u)["time"] for u in before} == before          # completed tiles not redone
