@@ -219,18 +219,14 @@ def write_chunk(arr, coords, block: np.ndarray) -> None:
         return
     payload = lay.encode(data)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}{_TEMP_MARK}{os.getpid()}-{threading.get_ident()}"
-    try:
+    def write(tmp):
         if not _write_direct(tmp, payload):
             with open(tmp, "wb") as f:
                 f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+
+    from .store import publish_file
+
+    publish_file(f"{path}{_TEMP_MARK}{os.getpid()}-{threading.get_ident()}", path, write)
 
 
 #: what marks the temporary file of a chunk being written (``<chunk>.tmp-<pid>-<thread>``)

@@ -95,6 +95,16 @@ class BadGate:
         )
 
 
+def _dense_error(code, r, c, x, row0, col0, rows) -> GateDataError:
+    """The error for the bad gate ``x[r, c]`` a dense scan stopped at (``rows``: the row chunk)."""
+    return BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
+
+
+def _block_counts(x: np.ndarray, tile: int) -> np.ndarray:
+    """Zero non-zero counts per row and block of ``tile`` columns of ``x``."""
+    return np.zeros((x.shape[0], max(1, -(-x.shape[1] // tile))), dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------- dense gates
 def dense_scan(x: np.ndarray, row0: int = 0, col0: int = 0, rows: tuple[int, int] | None = None) -> np.ndarray:
     """Validate a dense gate block and count its non-zeros per row.
@@ -123,7 +133,7 @@ def dense_scan(x: np.ndarray, row0: int = 0, col0: int = 0, rows: tuple[int, int
     nnz = np.zeros((x.shape[0], 1), dtype=np.int64)  # one block spanning every column
     code, r, c = _dense_scan_blocks(x, x.shape[1], nnz)
     if code != _OK:
-        raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
+        raise _dense_error(code, r, c, x, row0, col0, rows)
     return nnz[:, 0]
 
 
@@ -605,12 +615,12 @@ def dense_scan_blocks(x: np.ndarray, tile: int, row0: int = 0, col0: int = 0,
     GateDataError
         On the first NaN, ±inf or negative gate, naming its row and atom.
     """
-    nnz = np.zeros((x.shape[0], max(1, -(-x.shape[1] // tile))), dtype=np.int64)
+    nnz = _block_counts(x, tile)
     if x.size == 0:
         return nnz
     code, r, c = _dense_scan_blocks(x, tile, nnz)
     if code != _OK:
-        raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
+        raise _dense_error(code, r, c, x, row0, col0, rows)
     return nnz
 
 
@@ -672,7 +682,7 @@ def dense_scan_stats(x: np.ndarray, tile: int, fire: np.ndarray, gsum: np.ndarra
     GateDataError
         On the first NaN, ±inf or negative gate, naming its row and atom.
     """
-    nnz = np.zeros((x.shape[0], max(1, -(-x.shape[1] // tile))), dtype=np.int64)
+    nnz = _block_counts(x, tile)
     if x.size == 0:
         return nnz, None
     if workspace is not None:
@@ -686,7 +696,7 @@ def dense_scan_stats(x: np.ndarray, tile: int, fire: np.ndarray, gsum: np.ndarra
         indptr, cols, vals = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=x.dtype)
     code, r, c, p = _dense_scan_stats(x, tile, nnz, fire, gsum, gsq, col0, indptr, cols, vals)
     if code != _OK:
-        raise BadGate(code, row0 + r, col0 + c, float(x[r, c])).error(rows or (row0, row0 + x.shape[0]))
+        raise _dense_error(code, r, c, x, row0, col0, rows)
     if workspace is None or p < 0:
         return nnz, None
     return nnz, (indptr, cols[:p], vals[:p])

@@ -76,12 +76,11 @@ def fingerprint(spec: dict) -> str:
     return hashlib.sha256(_canonical(spec).encode()).hexdigest()
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+def publish_file(tmp: str, path: str, write) -> None:
+    """``write(tmp)``, then rename ``tmp`` onto ``path`` (readers see the old file or the whole new
+    one, never a part); on any failure ``tmp`` is removed and the error raised."""
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, sort_keys=True, indent=1, allow_nan=False, default=_json_default))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -89,6 +88,18 @@ def _write_json_atomic(path: str, obj) -> None:
         except OSError:
             pass
         raise
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+    os.close(fd)
+    text = json.dumps(obj, sort_keys=True, indent=1, allow_nan=False, default=_json_default)
+
+    def write(p):
+        with open(p, "w") as f:
+            f.write(text)
+
+    publish_file(tmp, path, write)
 
 
 def _read_json(path: str):
