@@ -21,6 +21,8 @@ import threading
 
 import numpy as np
 
+from .store import publish_file
+
 __all__ = ["read_rows", "direct_layout", "write_chunk", "sweep_temporaries"]
 
 
@@ -219,12 +221,11 @@ def write_chunk(arr, coords, block: np.ndarray) -> None:
         return
     payload = lay.encode(data)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+
     def write(tmp):
         if not _write_direct(tmp, payload):
             with open(tmp, "wb") as f:
                 f.write(payload)
-
-    from .store import publish_file
 
     publish_file(f"{path}{_TEMP_MARK}{os.getpid()}-{threading.get_ident()}", path, write)
 
