@@ -1,4 +1,4 @@
-"""Distributed evaluation, Gauss-Newton assembly and Newton steps (issue 4), printed side by side.
+"""Distributed evaluation, Gauss-Newton assembly and Newton steps, printed side by side.
 
 Run ``python benchmarks/assembly.py`` for the issue's sizes (several minutes on 2 cores) or
 ``python benchmarks/assembly.py --quick`` for a small smoke run (< 60 s).
@@ -32,8 +32,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (check as _check, disk_write_bandwidth, file_write_bandwidth, fmt_ms, gemm_peak,  # noqa: E402
-                     machine_line, print_table, time_best)
+from _common import check as _check  # noqa: E402
+from _common import (
+    disk_write_bandwidth,
+    file_write_bandwidth,
+    fmt_ms,
+    gemm_peak,
+    machine_line,
+    print_table,
+    time_best,
+)
 
 import distpen as dp  # noqa: E402
 
@@ -163,9 +171,9 @@ def bench_in_process(args, pen, t, v, ev):
 
 def bench_plan_overheads(args, pen, t, ev):
     """Client-side plan construction and the per-part worker-side gather, measured in this process."""
-    from distpen._sources import VectorSource
-
-    from distpen.assembly import DecoderPlan, _run_part
+    from distpen.curvature._vectors import VectorSource
+    from distpen.curvature.evaluate import _run_part
+    from distpen.curvature.plan import DecoderPlan
 
     rows = []
     for n_parts in (4, 8):  # evaluate's default: 4 parts per worker thread (1 and 2 workers)

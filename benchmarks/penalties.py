@@ -1,4 +1,4 @@
-"""Penalty benchmarks (issue 2): distpen against naive and autodiff peers, printed side by side.
+"""Penalty benchmarks: distpen against naive and autodiff peers, printed side by side.
 
 Run ``python benchmarks/penalties.py`` for the full problems (a few minutes on 2 cores) or
 ``python benchmarks/penalties.py --quick`` for a small smoke run (< 20 s).

@@ -1,27 +1,42 @@
 """distpen: co-activation statistics and second-order SAE penalties at cluster scale.
 
-See ``DESIGN.md`` for the math and the public contract.
+The layers, from the floor up (a module imports only from layers below its own; see
+``docs/design.md``):
+
+* the floor — :mod:`~distpen.errors`, :mod:`~distpen.store`, :mod:`~distpen.cluster`,
+  :mod:`~distpen.security` and private helpers (validation, chunk I/O, buffers, threads);
+* core types — :mod:`~distpen.weights`, :mod:`~distpen.layout`, :mod:`~distpen.pairs`;
+* :mod:`distpen.penalties` — the math, in memory;
+* :mod:`distpen.sources` — where gates come from;
+* :mod:`distpen.coactivation` and :mod:`distpen.curvature` — the distributed jobs;
+* :mod:`distpen.dashboard` — status, monitor and plots;
+* :mod:`distpen.cli` — the ``distpen`` command.
 """
 
 from . import errors
+from .cluster import connect
+from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats
+from .curvature import (
+                        FactoredMajorizer,
+                        NewtonResult,
+                        assemble_majorizer,
+                        evaluate,
+                        newton_recorder,
+                        newton_step,
+                        save_newton_result,
+)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
 from .pairs import PairTable
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty, penalty_from_spec
-from .weights import Geometric, Linear, ReciprocalIter, ScalarWeightSchedule, resolve_learnable_weight
-
-# --- distributed co-activation statistics (issue 3) ---
-from .cluster import connect
-from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats
-from .gates import DenseGates, TopKGates, open_gates, synth_gates
-# --- end co-activation statistics ---
-from .assembly import FactoredMajorizer, assemble_majorizer, evaluate
-from .newton import NewtonResult, newton_recorder, newton_step, save_newton_result
+from .sources import DenseGates, TopKGates, open_gates, synth_gates
 from .store import RunStore
+from .weights import Geometric, Linear, ReciprocalIter, ScalarWeightSchedule, resolve_learnable_weight
 
 __version__ = "0.1.0"
 
 __all__ = [
     "errors",
+    # weights, layouts, pairs, penalties (in memory)
     "resolve_learnable_weight",
     "ScalarWeightSchedule",
     "Geometric",
@@ -35,7 +50,7 @@ __all__ = [
     "DecoderIncoherencePenalty",
     "NestedPrefixPenalty",
     "penalty_from_spec",
-    # co-activation statistics (issue 3)
+    # gate sources and co-activation statistics
     "connect",
     "DenseGates",
     "TopKGates",
@@ -45,7 +60,7 @@ __all__ = [
     "open_stats",
     "merge_stats",
     "CoactivationStats",
-    # distributed evaluation, curvature assembly, Newton steps (issue 4)
+    # distributed evaluation, curvature assembly, Newton steps
     "evaluate",
     "assemble_majorizer",
     "FactoredMajorizer",

@@ -81,5 +81,5 @@ class BroadcastCache:
             self._entries.clear()
 
 
-#: the process-wide cache used by :func:`distpen.assembly.evaluate` and :func:`distpen.newton.newton_step`
+#: the process-wide cache used by :func:`distpen.curvature.evaluate` and :func:`distpen.curvature.newton.newton_step`
 BROADCASTS = BroadcastCache()

@@ -1,4 +1,4 @@
-"""Coefficient layouts: penalty tiers, ψ slices and the decoder β layout (DESIGN §2.2)."""
+"""Coefficient layouts: penalty tiers, ψ slices and the decoder β layout (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Learnable weights and scalar weight schedules (DESIGN §2.1)."""
+"""Learnable weights and scalar weight schedules (docs/design.md)."""
 
 from __future__ import annotations
 

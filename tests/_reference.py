@@ -1,6 +1,6 @@
-"""Plain, obviously-correct reference implementations for the tests (DESIGN §2 only).
+"""Plain, obviously-correct reference implementations for the tests (docs/design.md).
 
-Everything here is written from the formulas of DESIGN §2, one pair (or one shell) at a time, with
+Everything here is written from the formulas of docs/design.md, one pair (or one shell) at a time, with
 explicit Python loops and small numpy operations. It shares no code with ``distpen`` except the
 data it is handed, so an agreement between the two is evidence, not a tautology.
 
@@ -45,7 +45,7 @@ def assert_eq_array(actual, expected, *, rtol=1e-12, atol=0.0, dtype=np.float64)
 
 
 def ref_resolve(base: float, rho: float) -> float:
-    """DESIGN §2.1 written out."""
+    """The learnable weight of docs/design.md, written out."""
     if base == 0:
         return 0.0
     x = math.log(abs(base)) + rho
@@ -111,7 +111,7 @@ def dec_grad(t, block_sizes, p_out, pairs, s):
 
 
 def dec_hvp(t, v, block_sizes, p_out, pairs, s, *, exact=True):
-    """Exact HVP (``exact``) or Gauss-Newton product, per DESIGN §2.2."""
+    """Exact HVP (``exact``) or Gauss-Newton product, per the decoder formulas of docs/design.md."""
     B = ref_blocks(t, block_sizes, p_out)
     V = ref_blocks(v, block_sizes, p_out)
     H = [np.zeros_like(b) for b in B]
@@ -141,7 +141,7 @@ def dec_residual_term(t, v, block_sizes, p_out, pairs, s):
 
 
 def dec_gn_dense(t, block_sizes, p_out, pairs, s):
-    """The Gauss-Newton matrix assembled entry by entry from the per-pair formula of DESIGN §2.2."""
+    """The Gauss-Newton matrix assembled entry by entry from the per-pair formula of docs/design.md."""
     B = ref_blocks(t, block_sizes, p_out)
     offs = ref_offsets(block_sizes, p_out)
     n = offs[-1]

@@ -18,12 +18,17 @@ import sys
 
 import numpy as np
 import pytest
+from _procs import (
+    ProcCluster,
+    assert_matches,
+    reference_stats,
+    run_distpen,
+    time_limit,  # noqa: F401  (autouse: a hung test fails instead of stalling)
+    topk_to_sparse,
+    write_topk_gates,
+)
 
 import distpen as dp
-
-from _procs import time_limit  # noqa: F401  (autouse: a hung test fails instead of stalling)
-from _procs import (ProcCluster, assert_matches, reference_stats, run_distpen, topk_to_sparse,
-                    write_topk_gates)
 
 yaml = pytest.importorskip("yaml")
 
@@ -231,8 +236,10 @@ def test_deploy_readme_covers_every_recipe():
     text = (DEPLOY / "README.md").read_text()
     for name in ("docker-compose.yml", "docker-compose.tls.yml", "Dockerfile", "daskcluster.yaml",
                  "daskjob.yaml", "pvc.yaml", "jobqueue.yaml", "launch.py", "tests/test_deploy.py",
-                 "tests/test_faults.py", "tests/test_tls.py", "tests/test_soak.py", "DISTPEN_STAGING_DIR"):
+                 "tests/test_faults.py", "tests/floor/test_security.py", "tests/test_soak.py", "DISTPEN_STAGING_DIR"):
         assert name in text, name
+        if name.startswith("tests/"):
+            assert (DEPLOY.parent / name).is_file(), f"deploy/README.md names {name}, which does not exist"
 
 
 # ============================================================================ the compose topology, for real
@@ -330,7 +337,7 @@ def test_penalty_commands_write_into_url_stores(inproc_client, memfs, tmp_path):
     import zarr
 
     from distpen.cli import main
-    from distpen.demo import synthetic_decoder_problem
+    from distpen.cli.demo import synthetic_decoder_problem
     from distpen.store import staged_store
 
     bs, pairs, beta = synthetic_decoder_problem(24, 4, 60, max_block=2, seed=5)

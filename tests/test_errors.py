@@ -1,4 +1,4 @@
-"""Error messages on bad input (issue 2 §6): the class, the argument's name, the value, the expectation.
+"""Error messages on bad input: the class, the argument's name, the value, the expectation.
 
 One test per bad input. Every check names the specific ``distpen.errors`` class and matches the
 message. Numbers in messages are matched with :func:`_num`, which also accepts the numpy-2 repr
@@ -15,14 +15,8 @@ import numpy as np
 import pytest
 
 import distpen as dp
-from distpen.errors import (
-    DistpenError,
-    InvalidArgumentError,
-    InvalidDtypeError,
-    PairTableError,
-    ScheduleError,
-    ShapeMismatchError,
-)
+from distpen.errors import (DistpenError, InvalidArgumentError, InvalidDtypeError, PairTableError,
+                            ScheduleError, ShapeMismatchError)
 
 
 def _num(x) -> str:

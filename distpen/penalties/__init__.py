@@ -1,4 +1,4 @@
-"""In-memory penalties: the single source of truth for the math (DESIGN §2.2–2.3)."""
+"""In-memory penalties: the single source of truth for the math (docs/design.md)."""
 
 from ._base import Penalty
 from .decoder import DecoderIncoherencePenalty

@@ -1,4 +1,4 @@
-"""Decoder incoherence penalty over co-activating atom pairs (DESIGN §2.2)."""
+"""Decoder incoherence penalty over co-activating atom pairs (docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Matryoshka nested-prefix smoothed-L1 sparsity penalty (DESIGN §2.3).
+"""Matryoshka nested-prefix smoothed-L1 sparsity penalty (docs/design.md).
 
 Bussmann, Nabeshima, Karvonen, Nanda, "Learning Multi-Level Features with Matryoshka Sparse
 Autoencoders", ICML 2025 (arXiv:2503.17547).

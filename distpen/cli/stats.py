@@ -1,0 +1,154 @@
+"""``distpen synth | coactivation | pairs | status``: the statistics subcommands of the CLI.
+
+:func:`register` adds them to the ``distpen`` parser; each ``run_*`` function takes the parsed
+arguments and returns an exit status, so it can be called (and tested) on its own. Bad input raises
+a :class:`~distpen.errors.DistpenError`, which ``distpen.cli.main`` prints as one line
+(``distpen: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ._common import Bar, add_common_arguments, client_for, dispatch, positive_int
+
+__all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_status", "main_for_tests"]
+
+
+def run_synth(args) -> int:
+    from ..sources.synth import synth_gates
+
+    client = client_for(args)
+    bar = Bar("synth", "tok", args.quiet)
+    try:
+        g = synth_gates(args.out, args.tokens, args.atoms, topk=args.topk, density=args.density,
+                        seed=args.seed, row_chunk=args.row_chunk, dtype=args.dtype, overwrite=args.overwrite,
+                        progress=lambda d, t: bar.update(d, t), client=client)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"wrote {g!r} to {args.out}")
+    return 0
+
+
+def run_coactivation(args) -> int:
+    from ..coactivation.job import coactivation_stats
+    from ..sources.gates import open_gates
+    from ..store import check_workers_see, is_url, staged_store
+
+    gates = open_gates(args.gates)
+    client = client_for(args)
+    bar = Bar("coactivation", "tok", args.quiet)
+
+    def progress(info):
+        bar.update(info.get("rows_processed", 0), max(1, info.get("rows_total", 0) or 1),
+                   tiles=f"{info.get('units_done', 0)}/{info.get('units_total', 0)}")
+
+    try:
+        # an fsspec URL store is staged in a local directory the workers share, then mirrored back
+        with staged_store(args.out) as out:
+            if is_url(args.out):
+                check_workers_see(client, out)
+            st = coactivation_stats(gates, out, row_chunk=args.row_chunk, tile=args.tile,
+                                    split_every=args.split_every, overwrite=args.overwrite,
+                                    progress=progress, client=client)
+            p = st._job.progress()
+    finally:
+        bar.close()
+    if not args.quiet:
+        print(f"{args.out}: {st.n_tokens} tokens × {st.k_atoms} atoms, tiles {p.get('units_done')}/"
+              f"{p.get('units_total')} ({p.get('units_computed')} computed now), "
+              f"{p.get('throughput_rows_per_s', 0):,.0f} tokens/s")
+    return 0
+
+
+def run_pairs(args) -> int:
+    from ..coactivation.stats import open_stats
+
+    st = open_stats(args.stats)
+    client = client_for(args)
+    table = st.pairs(threshold=args.threshold, top_m=args.top_m, measure=args.measure,
+                     min_count=args.min_count, out=args.out, client=client)
+    if not args.quiet:
+        print(f"wrote {len(table)} pairs ({args.measure}) over {table.k_atoms} atoms to {args.out}")
+    return 0
+
+
+def run_status(args) -> int:
+    import os
+
+    from ..dashboard.status import format_status as dashboard_table
+    from ..dashboard.status import status_json
+    from ..errors import InvalidArgumentError
+    from ..store import is_url, staged_store
+
+    with staged_store(args.store, push=False) as local:  # a URL store is read from a local copy
+        if not os.path.isdir(local) or (is_url(args.store) and not os.listdir(local)):
+            raise InvalidArgumentError(f"no run store at {args.store!r}")
+        # RunStore.status() plus per-stage summaries: fraction, throughput, ETA, staleness
+        status = status_json(local, verify=args.verify)
+    if is_url(args.store):
+        status["path"] = args.store
+    if args.json:
+        print(json.dumps(status, indent=1, sort_keys=True, default=str))
+    else:
+        print(dashboard_table(status))
+    if args.verify and not status.get("verify", {"ok": True})["ok"]:
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``synth``, ``coactivation``, ``pairs`` and ``status`` to an argparse subparsers object."""
+    p = subparsers.add_parser("synth", help="write synthetic gates (dense or top-k) to a Zarr group")
+    p.add_argument("out", help="output Zarr group")
+    p.add_argument("--tokens", type=positive_int, required=True, help="number of tokens N")
+    p.add_argument("--atoms", type=positive_int, required=True, help="number of atoms K")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--topk", type=positive_int, default=None, help="top-k gates with k active atoms per token")
+    form.add_argument("--density", type=float, default=None, help="dense gates with this fraction of non-zeros")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--row-chunk", type=positive_int, default=None, help="rows per stored chunk")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--overwrite", action="store_true")
+    add_common_arguments(p)
+    p.set_defaults(func=run_synth)
+
+    p = subparsers.add_parser("coactivation", help="co-activation statistics of gates into a run store")
+    p.add_argument("gates", help="gates Zarr group (from `distpen synth`) or a 2-D Zarr array; a path or fsspec URL")
+    p.add_argument("--out", required=True,
+                   help="statistics run store (Zarr group): a path, or an fsspec URL (s3://, gs://...) staged "
+                        "through a local directory the workers share (DISTPEN_STAGING_DIR)")
+    p.add_argument("--row-chunk", type=positive_int, default=None)
+    p.add_argument("--tile", type=positive_int, default=None)
+    p.add_argument("--split-every", type=positive_int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a different job in --out")
+    add_common_arguments(p)
+    p.set_defaults(func=run_coactivation)
+
+    p = subparsers.add_parser("pairs", help="atom pairs from co-activation statistics")
+    p.add_argument("stats", help="statistics store (from `distpen coactivation`)")
+    p.add_argument("--out", required=True, help="output PairTable Zarr group")
+    p.add_argument("--threshold", type=float, default=0.0)
+    p.add_argument("--top-m", type=positive_int, default=None)
+    p.add_argument("--measure", default="mean", choices=("mean", "count", "jaccard", "cosine", "lift"))
+    p.add_argument("--min-count", type=int, default=0)
+    add_common_arguments(p)
+    p.set_defaults(func=run_pairs)
+
+    p = subparsers.add_parser("status", help="progress and completeness of a run store")
+    p.add_argument("store", help="run store path or fsspec URL")
+    p.add_argument("--verify", action="store_true",
+                   help="check that every complete unit's chunks exist with the recorded sizes (exit 1 if not)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_common_arguments(p, tls=False)
+    p.set_defaults(func=run_status)
+
+
+def main_for_tests(argv) -> int:
+    """Parse ``argv`` with only these subcommands and run, as ``distpen.cli.main`` does."""
+
+    parser = argparse.ArgumentParser(prog="distpen")
+    register(parser.add_subparsers(dest="command", required=True))
+    return dispatch(parser.parse_args(argv))

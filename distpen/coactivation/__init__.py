@@ -1,0 +1,26 @@
+"""Co-activation statistics of SAE gates on a Dask cluster, written to a Zarr run store.
+
+Modules, in the order data flows through them:
+
+:mod:`.plan`
+    tiles, tile groups, row chunks and their default sizes;
+:mod:`._kernels`
+    per-chunk numba kernels (validation, sparse rows, scatter and BLAS routes), pure functions of arrays;
+:mod:`._tasks`
+    the worker tasks (leaves, combine, the tile writer, the chunk cache);
+:mod:`._store`
+    the statistics store's arrays and its creation or reopening;
+:mod:`.job`
+    :func:`coactivation_stats`, the job itself;
+:mod:`.stats`
+    :class:`CoactivationStats`, the read side, measures and pair selection;
+:mod:`.merge`
+    :func:`merge_stats`.
+"""
+
+from .job import coactivation_stats
+from .merge import merge_stats
+from .plan import STAGE
+from .stats import MEASURES, CoactivationStats, Tile, open_stats
+
+__all__ = ["coactivation_stats", "open_stats", "merge_stats", "CoactivationStats", "Tile", "MEASURES", "STAGE"]

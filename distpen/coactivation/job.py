@@ -1,0 +1,273 @@
+"""``coactivation_stats``: the co-activation job on a Dask cluster, from gates to a statistics store.
+
+It validates the gates and parameters, plans tiles and groups (:mod:`.plan`), creates or resumes the
+store (:mod:`._store`), submits at most a few tile groups at a time (so the scheduler's graph stays
+small whatever ``N × K``), reports progress to the store while tasks run, and returns the
+:class:`~distpen.coactivation.stats.CoactivationStats` of the finished store.
+
+Peak memory per task is set by ``tile`` and ``row_chunk``, never by ``N``. Given ``row_chunk`` and
+``split_every`` the result is bit-identical on any cluster: every sum has a fixed order, BLAS runs
+single-threaded, and no kernel uses fast-math.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+
+from .._validation import check_positive_int
+from ..errors import GateDataError, InvalidArgumentError
+from ..sources.gates import as_gates
+from ..store import RunStore, local_store_path
+from . import _kernels as ker
+from ._store import _RESUME_HINT, _json_roundtrip, _prepare_store
+from ._tasks import _combine, _finalize, _leaf, _leaf_and_finalize, _release_worker_buffers
+from .plan import (
+    _FORMAT_VERSION,
+    _MIN_STREAM_GROUPS,
+    _SPARSE_DENSITY,
+    STAGE,
+    _check_split_every,
+    _fan_in,
+    _group_tiles,
+    _parse_unit,
+    _sample_density,
+    _sources,
+    _tiles,
+    _unit,
+    default_row_chunk,
+    default_split_every,
+    default_tile,
+)
+from .stats import CoactivationStats
+
+__all__ = ["coactivation_stats"]
+
+
+def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=None, overwrite=False,
+                       progress=None, client=None, _units=None, _fail_units=()):
+    """Compute the co-activation sufficient statistics of ``gates`` into the Zarr run store ``out``.
+
+    Parameters
+    ----------
+    gates : DenseGates, TopKGates, path, or array of shape (n_tokens, k_atoms)
+        The gates (a plain 2-D float array is taken as dense gates; a path is opened with
+        :func:`~distpen.sources.open_gates`).
+    out : str or os.PathLike
+        The run store (a Zarr group) to write; see :class:`CoactivationStats` for its layout.
+    row_chunk : int, optional
+        Tokens per row chunk. Default: from the workers' memory limit and ``N``, aligned to the
+        input's chunks (when resuming, the stored value).
+    tile : int, optional
+        Atoms per tile side (one Zarr chunk of ``pair_sum``/``pair_count``); ragged last tile
+        allowed. Default: from the workers' memory limit, at most 1024 (when resuming, the stored value).
+    split_every : int ≥ 2, optional
+        Fan-in of the reduction tree over row chunks; a leaf task reads this many row chunks.
+        Default: see :func:`default_split_every` — every row chunk (one streaming task per tile
+        group) when ``K`` is large enough for the tile groups alone to keep workers busy, else 4
+        (when resuming, the stored value).
+    overwrite : bool
+        Replace whatever ``out`` holds. Without it, a store holding the same job is resumed (only
+        missing tiles are computed) and a different job is refused.
+    progress : callable, optional
+        Called as ``progress(info)`` while the job runs, with ``info`` the dict written to the
+        store's ``progress.json`` (``units_done``, ``units_total``, ``rows_processed``, ``rows_total``...).
+    client : distributed.Client, optional
+        Default: :func:`distpen.cluster.get_client`.
+
+    Returns
+    -------
+    CoactivationStats
+
+    Raises
+    ------
+    InvalidArgumentError, ShapeMismatchError, InvalidDtypeError
+        Bad arguments, before any work.
+    StoreConflictError
+        ``out`` holds a different job (or is not a coactivation store) and ``overwrite`` is False.
+    GateDataError
+        NaN, ±inf or a negative gate, a repeated or out-of-range top-k index, found while computing;
+        names the row and atom. Tiles completed before the error stay valid; re-run to resume.
+
+    Examples
+    --------
+    >>> g = dp.synth_gates("g.zarr", 100_000, 1024, density=0.02)      # doctest: +SKIP
+    >>> st = dp.coactivation_stats(g, "stats.zarr")                     # doctest: +SKIP
+    >>> st.pairs(top_m=16, measure="lift")                              # doctest: +SKIP
+    """
+    from dask.base import tokenize
+
+    from ..cluster import get_client, n_workers, worker_memory_limit
+
+    g = as_gates(gates)
+    if not isinstance(out, (str, os.PathLike)):
+        raise InvalidArgumentError(f"out must be a local path to a Zarr group, got {type(out).__name__}")
+    out = local_store_path(out)
+    if row_chunk is not None:
+        row_chunk = check_positive_int(row_chunk, "row_chunk")
+    if tile is not None:
+        tile = check_positive_int(tile, "tile")
+    se_given = split_every is not None
+    se = _check_split_every(split_every)
+    N, K = g.n_tokens, g.k_atoms
+    inputs = g.input_spec()
+
+    if not overwrite and (row_chunk is None or tile is None or not se_given):
+        # resuming: unspecified parameters take the stored job's values
+        old = RunStore(out).manifest(STAGE) if os.path.isdir(out) else None
+        if old is not None and old.get("spec", {}).get("inputs") == _json_roundtrip(inputs):
+            params = old["spec"].get("params", {})
+            row_chunk = row_chunk or params.get("row_chunk")
+            tile = tile or params.get("tile")
+            if not se_given and "split_every" in params:
+                se, se_given = params["split_every"], True
+
+    client = client or get_client()
+    mem = worker_memory_limit(client)
+    rc = min(row_chunk, N) if row_chunk is not None else default_row_chunk(mem, g, se)
+    if not se_given:
+        sparse = g.form == "topk" or _sample_density(g, rc) <= _SPARSE_DENSITY
+        se = default_split_every(mem, K, math.ceil(N / rc), tile, sparse,
+                                 float(N) * g.row_width() * (np.dtype(g.dtype).itemsize if g.form == "dense" else 8))
+    fan = _fan_in(N, rc, se)
+    T = min(tile, K) if tile is not None else default_tile(mem, K, fan)
+    nb = math.ceil(K / T)
+    all_tiles = _tiles(nb)
+    units = [_unit(i, j) for i, j in all_tiles]
+    spec = {"kind": "coactivation", "version": _FORMAT_VERSION, "inputs": inputs,
+            "n_tokens": N, "k_atoms": K, "params": {"row_chunk": rc, "tile": T, "split_every": se}}
+    meta = {"n_tokens": N, "k_atoms": K, "tile": T, "row_chunk": rc, "split_every": se,
+            "gates_form": g.form, "gates_dtype": str(g.dtype)}
+    _, job = _prepare_store(out, spec, units, meta, overwrite)
+
+    pending = [_parse_unit(u) for u in job.pending()]
+    if _units is not None:  # test hook: compute only these tiles (simulates an interrupted job)
+        wanted = {tuple(u) if not isinstance(u, str) else _parse_unit(u) for u in _units}
+        pending = [t for t in pending if t in wanted]
+    streaming = math.ceil(math.ceil(N / rc) / se) == 1
+    groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1)
+    # pair products bucketed per scatter pass (12 bytes each): at most 1/10 of a worker's memory
+    scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (10 * 12))))
+    # when every group reads every chunk, workers keep the sparse rows they read, within 1/8 of memory
+    cache_key = job.fingerprint if streaming and len(groups) > 1 else None
+    cache_bytes = int(mem // 8)
+    chunks = _sources(g, rc, client)
+    R = len(chunks)
+    n_leaves = math.ceil(R / se)
+    n_run = len(pending)
+    skipped = len(units) - len(job.pending())
+    t_start = time.time()
+    state = {"work": 0, "units_done": skipped, "computed": 0, "routes": [0, 0]}
+
+    def report(force=False):
+        now = time.time()
+        if not force and now - state.get("last", 0) < 0.5:
+            return
+        state["last"] = now
+        elapsed = max(now - t_start, 1e-9)
+        rows_processed = state["work"] / n_run if n_run else 0
+        info = job.update_progress(
+            units_done=state["units_done"], units_total=len(units), units_skipped=skipped,
+            units_computed=state["computed"], units_in_run=n_run, rows_processed=int(rows_processed),
+            rows_total=N if n_run else 0, elapsed_s=round(elapsed, 3),
+            throughput_rows_per_s=round(rows_processed / elapsed, 1),
+            routes={"scatter": state["routes"][0], "blas": state["routes"][1]},
+            row_chunk=rc, tile=T, split_every=se, n_groups=len(groups), n_leaves_per_group=n_leaves,
+        )
+        if progress is not None:
+            progress(info)
+
+    report(force=True)
+    if not groups:
+        job.finish()
+        report(force=True)
+        return CoactivationStats(out)
+
+    import dask
+    from distributed import as_completed
+
+    fp = job.fingerprint
+
+    def build(gi, tiles):
+        blocks = sorted({b for t in tiles for b in t})
+        diag = sorted(i for i, j in tiles if i == j)
+        plan = {"tile": T, "k_atoms": K, "tiles": tiles, "span": (blocks[0], blocks[-1] + 1),
+                "diag_blocks": diag, "form": g.form, "scatter_pairs": scatter_pairs,
+                "cache_key": cache_key, "cache_bytes": cache_bytes,
+                "cnt_dtype": np.dtype(ker.count_dtype(N)).name}
+        tok = tokenize(fp, tiles, rc, se)
+        if n_leaves == 1:  # one task streams every row chunk and writes the tiles itself
+            final = dask.delayed(_leaf_and_finalize, pure=True)(
+                plan, chunks, out, job, tuple(_fail_units), dask_key_name=f"distpen-coact-stream-{tok}")
+            return final, []
+        leaves = []
+        for b in range(n_leaves):
+            part = chunks[b * se:(b + 1) * se]
+            leaves.append(dask.delayed(_leaf, pure=True)(plan, part, dask_key_name=f"distpen-coact-leaf-{tok}-{b}"))
+        level, layer = leaves, 0
+        while len(level) > 1:
+            layer += 1
+            level = [dask.delayed(_combine, pure=True)(*level[i:i + se],
+                                                       dask_key_name=f"distpen-coact-combine-{tok}-{layer}-{i // se}")
+                     for i in range(0, len(level), se)]
+        final = dask.delayed(_finalize, pure=True)(level[0], plan, out, job, tuple(_fail_units),
+                                                   dask_key_name=f"distpen-coact-write-{tok}")
+        return final, leaves
+
+    in_flight_max = max(2, 2 * n_workers(client))
+    ac = as_completed(with_results=False, loop=client.loop)
+    meta_of = {}
+    next_group = 0
+
+    def submit(gi):
+        tiles = groups[gi]
+        final, leaves = build(gi, tiles)
+        futs = client.compute([final, *leaves], optimize_graph=False, priority=-gi)
+        meta_of[futs[0].key] = ("final", gi, len(tiles), 0)
+        for fut, b in zip(futs[1:], range(n_leaves)):
+            rows = sum(r1 - r0 for r0, r1, _, _ in chunks[b * se:(b + 1) * se])
+            meta_of[fut.key] = ("leaf", gi, len(tiles), rows)
+        ac.update(futs)
+
+    try:
+        while next_group < len(groups) and next_group < in_flight_max:
+            submit(next_group)
+            next_group += 1
+        for fut in ac:
+            kind, gi, n_tiles, rows = meta_of.pop(fut.key)
+            if fut.status == "error":
+                fut.result()  # raises the task's exception
+            if kind == "leaf":
+                state["work"] += rows * n_tiles
+                fut.release()
+                report()
+                continue
+            res = fut.result()
+            fut.release()
+            if n_leaves == 1:  # the streaming task did the leaf's work too
+                state["work"] += res["rows"] * n_tiles
+            state["units_done"] += len(res["units"])
+            state["computed"] += len(res["units"])
+            state["routes"] = [a + b for a, b in zip(state["routes"], res["routes"])]
+            report(force=True)
+            if next_group < len(groups):
+                submit(next_group)
+                next_group += 1
+    except BaseException as exc:
+        for f in list(ac.futures):
+            f.cancel()
+        ac.clear()
+        done = len(job.done())
+        job.fail(f"{type(exc).__name__}: {exc}", units_done=done, units_computed=state["computed"])
+        if isinstance(exc, GateDataError):
+            raise GateDataError(f"{exc}; job stopped with {done} of {len(units)} tiles complete in "
+                                f"{out}: {_RESUME_HINT}") from exc
+        raise
+    finally:
+        _release_worker_buffers(client)
+    job.finish(units_computed=state["computed"])
+    report(force=True)
+    return CoactivationStats(out, allow_incomplete=_units is not None)

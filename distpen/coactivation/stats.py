@@ -1,0 +1,366 @@
+"""``CoactivationStats``: the read side of a statistics store, its measures and pair selection.
+
+Measures (``mean``, ``count``, ``jaccard``, ``cosine``, ``lift``) are derived tile by tile from the
+stored sums; :meth:`CoactivationStats.pairs` turns them into a :class:`~distpen.pairs.PairTable`
+without ever forming a dense ``K × K`` array (``top_m`` is found in two passes over the tiles).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import namedtuple
+
+import numpy as np
+
+from .._validation import check_finite_scalar, check_positive_int
+from ..errors import InvalidArgumentError, StoreCorruptError
+from ..pairs import PairTable
+from ..store import RunStore
+from .plan import _FORMAT, STAGE, _parse_unit
+
+__all__ = ["MEASURES", "Tile", "CoactivationStats", "open_stats"]
+
+
+MAX_DENSE_K = 16384
+MEASURES = ("mean", "count", "jaccard", "cosine", "lift")
+
+Tile = namedtuple("Tile", ["rows", "cols", "pair_sum", "pair_count"])
+Tile.__doc__ = """One block of the symmetric statistics: atom ``rows`` × atom ``cols`` (slices) and
+the ``pair_sum`` (float64) and ``pair_count`` (int64) arrays of that block."""
+
+
+# ============================================================================ results
+class CoactivationStats:
+    """Co-activation statistics in a Zarr run store (read side).
+
+    The store holds ``pair_sum`` (float64) and ``pair_count`` (int64) of shape (K, K), chunked by
+    ``tile × tile`` and stored only on tiles ``I ≤ J`` (diagonal tiles hold the full symmetric
+    block; absent tiles are zero); ``fire_count`` (int64), ``gate_sum`` and ``gate_sq_sum``
+    (float64) of shape (K,); the attribute ``n_tokens``; and the job manifest under ``_distpen/``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A store written by :func:`coactivation_stats` or :func:`merge_stats`.
+    allow_incomplete : bool
+        Open a store whose job has not finished (missing tiles read as zero).
+
+    Raises
+    ------
+    InvalidArgumentError
+        Nothing at ``path``.
+    StoreCorruptError
+        Not a statistics store, or (unless ``allow_incomplete``) an unfinished job.
+    """
+
+    def __init__(self, path, *, allow_incomplete: bool = False):
+        import zarr
+
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(self.path):
+            raise InvalidArgumentError(f"no statistics store at {self.path!r}")
+        try:
+            self._group = zarr.open_group(self.path, mode="r")
+        except Exception as exc:
+            raise StoreCorruptError(f"{self.path!r} is not a Zarr group: {exc}") from None
+        attrs = dict(self._group.attrs)
+        if attrs.get("format") != _FORMAT:
+            raise StoreCorruptError(
+                f"{self.path!r} is not a coactivation statistics store (format={attrs.get('format')!r})"
+            )
+        self.n_tokens = int(attrs["n_tokens"])
+        self.k_atoms = int(attrs["k_atoms"])
+        self.tile_size = int(attrs["tile"])
+        self.n_blocks = math.ceil(self.k_atoms / self.tile_size)
+        self.attrs = attrs
+        self._store = RunStore(self.path)
+        self._job = self._store.job(STAGE)
+        if not allow_incomplete:
+            pending = self._job.pending()
+            if pending:
+                raise StoreCorruptError(
+                    f"statistics store {self.path!r} is incomplete: {len(self._job.units) - len(pending)} of "
+                    f"{len(self._job.units)} tiles complete; re-run coactivation_stats with the same "
+                    "arguments to finish it (or open with allow_incomplete=True)"
+                )
+        self._vec = {}
+
+    def __repr__(self) -> str:
+        return (f"CoactivationStats({self.path!r}, n_tokens={self.n_tokens}, k_atoms={self.k_atoms}, "
+                f"tile={self.tile_size})")
+
+    def __reduce__(self):
+        return (_open_trusted, (self.path,))
+
+    @property
+    def fingerprint(self) -> str:
+        return self._job.fingerprint
+
+    def _vector(self, name):
+        if name not in self._vec:
+            self._vec[name] = np.asarray(self._group[name][:])
+        return self._vec[name]
+
+    @property
+    def fire_count(self) -> np.ndarray:
+        """array of shape (k_atoms,), int64: tokens where each atom fires (gate > 0)."""
+        return self._vector("fire_count")
+
+    @property
+    def gate_sum(self) -> np.ndarray:
+        """array of shape (k_atoms,), float64: Σ_n g[n, j]."""
+        return self._vector("gate_sum")
+
+    @property
+    def gate_sq_sum(self) -> np.ndarray:
+        """array of shape (k_atoms,), float64: Σ_n g[n, j]²."""
+        return self._vector("gate_sq_sum")
+
+    @property
+    def pair_sum(self):
+        """The stored ``zarr.Array`` of shape (K, K) (upper tiles only)."""
+        return self._group["pair_sum"]
+
+    @property
+    def pair_count(self):
+        """The stored ``zarr.Array`` of shape (K, K) (upper tiles only)."""
+        return self._group["pair_count"]
+
+    def _check_block(self, b, name):
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < self.n_blocks:
+            raise InvalidArgumentError(
+                f"tile index {name} = {b!r} out of range; expected an integer in [0, {self.n_blocks}) "
+                f"(K = {self.k_atoms}, tile = {self.tile_size})"
+            )
+        return int(b)
+
+    def tile(self, I, J) -> Tile:
+        """The statistics of atom block ``I`` × atom block ``J`` (any order; ``I > J`` is transposed).
+
+        Returns
+        -------
+        Tile
+            ``rows``, ``cols`` (slices of atoms), ``pair_sum`` (float64) and ``pair_count`` (int64)
+            of shape (len(rows), len(cols)).
+        """
+        I, J = self._check_block(I, "I"), self._check_block(J, "J")
+        T, K = self.tile_size, self.k_atoms
+        rows, cols = slice(I * T, min(K, (I + 1) * T)), slice(J * T, min(K, (J + 1) * T))
+        if I <= J:
+            ps, pc = self.pair_sum[rows, cols], self.pair_count[rows, cols]
+        else:
+            ps, pc = self.pair_sum[cols, rows].T, self.pair_count[cols, rows].T
+        return Tile(rows, cols, np.ascontiguousarray(ps), np.ascontiguousarray(pc))
+
+    def block(self, r0: int, r1: int, c0: int, c1: int, name: str = "pair_sum") -> np.ndarray:
+        """Any rectangle ``[r0, r1) × [c0, c1)`` of the full symmetric matrix ``name``."""
+        T = self.tile_size
+        arr = self._group[name]
+        out = np.zeros((r1 - r0, c1 - c0), dtype=arr.dtype)
+        for I in range(r0 // T, (r1 - 1) // T + 1):
+            for J in range(c0 // T, (c1 - 1) // T + 1):
+                a0, a1 = max(r0, I * T), min(r1, (I + 1) * T)
+                b0, b1 = max(c0, J * T), min(c1, (J + 1) * T)
+                if I <= J:
+                    out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = arr[a0:a1, b0:b1]
+                else:
+                    out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = arr[b0:b1, a0:a1].T
+        return out
+
+    def nonzero_tiles(self) -> list:
+        """Tiles ``(I, J)``, ``I ≤ J``, that hold any non-zero statistic."""
+        out = []
+        markers = self._job.markers()
+        for u in self._job.units:
+            m = markers.get(u)
+            if m is None or m.get("info", {}).get("nonzero", True):
+                out.append(_parse_unit(u))
+        return out
+
+    def coactivation_dense(self, force: bool = False) -> np.ndarray:
+        """The dense ``K × K`` co-activation ``pair_sum / n_tokens`` (symmetric, float64).
+
+        Raises
+        ------
+        InvalidArgumentError
+            If ``K > 16384`` (a 2 GiB+ matrix) and ``force`` is False; use :meth:`pairs` or :meth:`tile`.
+        """
+        K = self.k_atoms
+        if K > MAX_DENSE_K and not force:
+            raise InvalidArgumentError(
+                f"coactivation_dense: K = {K} > {MAX_DENSE_K} would allocate {8 * K * K / 2**30:.1f} GiB; "
+                "use .pairs(...) or .tile(I, J), or pass force=True"
+            )
+        C = np.zeros((K, K))
+        for I, J in self.nonzero_tiles():
+            t = self.tile(I, J)
+            C[t.rows, t.cols] = t.pair_sum
+            if I != J:
+                C[t.cols, t.rows] = t.pair_sum.T
+        C /= self.n_tokens
+        return C
+
+    def pairs(self, threshold=0.0, top_m=None, measure="mean", min_count=0, out=None, *, client=None) -> PairTable:
+        """Atom pairs ``(j, k, w)``, ``j < k``, with ``w`` the chosen measure, built tile by tile on the cluster.
+
+        Parameters
+        ----------
+        threshold : float ≥ 0
+            Keep pairs whose measure is strictly greater.
+        top_m : int, optional
+            Keep a pair only if it is among the ``m`` strongest partners of *either* of its atoms
+            (among the pairs passing ``threshold`` and ``min_count``; ties at the m-th value are kept).
+        measure : {"mean", "count", "jaccard", "cosine", "lift"}
+            ``mean = pair_sum/n_tokens`` (what ``DecoderIncoherencePenalty.from_pairs`` consumes);
+            ``count = pair_count``; ``jaccard = pair_count/(fire_j + fire_k − pair_count)``;
+            ``cosine = pair_sum/sqrt(gate_sq_sum_j·gate_sq_sum_k)``;
+            ``lift = pair_count·n_tokens/(fire_j·fire_k)``. A pair whose denominator is 0 is absent.
+        min_count : int ≥ 0
+            Keep pairs that co-fire on at least this many tokens.
+        out : path, optional
+            Also save the table there (:meth:`PairTable.save`).
+
+        Returns
+        -------
+        PairTable
+        """
+        from ..cluster import get_client
+
+        threshold = check_finite_scalar(threshold, "threshold", nonnegative=True)
+        if measure not in MEASURES:
+            raise InvalidArgumentError(f"measure must be one of {MEASURES}, got {measure!r}")
+        if top_m is not None:
+            top_m = check_positive_int(top_m, "top_m")
+        min_count = check_positive_int(min_count, "min_count", allow_zero=True)
+        from dask.base import tokenize
+
+        client = client or get_client()
+        tiles = self.nonzero_tiles()
+        opts = (measure, threshold, min_count)
+        tok = tokenize(self.path, self.fingerprint, opts, top_m)
+        theta = None
+        if top_m is not None and tiles:
+            futs = client.map(_tile_topm, [self] * len(tiles), tiles, [top_m] * len(tiles),
+                              [opts] * len(tiles), key=[f"distpen-pairs-topm-{tok}-{I}-{J}" for I, J in tiles])
+            by_block = {}
+            for (I, J), f in zip(tiles, futs):
+                by_block.setdefault(I, []).append((f, 0))
+                if I != J:
+                    by_block.setdefault(J, []).append((f, 1))
+            blocks = sorted(by_block)
+            merged = client.map(_merge_topm, blocks, [by_block[b] for b in blocks], [top_m] * len(blocks),
+                                [self.tile_size] * len(blocks), [self.k_atoms] * len(blocks),
+                                key=[f"distpen-pairs-theta-{tok}-{b}" for b in blocks])
+            theta = np.full(self.k_atoms, -np.inf)
+            for b, th in zip(blocks, client.gather(merged)):
+                theta[b * self.tile_size:b * self.tile_size + th.shape[0]] = th
+            del futs, merged
+        if not tiles:
+            table = PairTable.empty(self.k_atoms)
+        else:
+            th_parts = [None if theta is None else (theta[I * self.tile_size:(I + 1) * self.tile_size],
+                                                    theta[J * self.tile_size:(J + 1) * self.tile_size])
+                        for I, J in tiles]
+            futs = client.map(_tile_pairs, [self] * len(tiles), tiles, [opts] * len(tiles), th_parts,
+                              key=[f"distpen-pairs-tile-{tok}-{I}-{J}" for I, J in tiles])
+            res = client.gather(futs)
+            j = np.concatenate([r[0] for r in res])
+            k = np.concatenate([r[1] for r in res])
+            w = np.concatenate([r[2] for r in res])
+            order = np.lexsort((k, j))
+            table = PairTable(np.ascontiguousarray(j[order]), np.ascontiguousarray(k[order]),
+                              np.ascontiguousarray(w[order]), self.k_atoms, _trusted=True)
+        if out is not None:
+            table.save(out)
+        return table
+
+    # ------------------------------------------------------------------ measure on one tile
+    def _tile_measure(self, I, J, measure, threshold, min_count):
+        """(values, eligible) of shape (n_I, n_J) for the tile; eligible excludes a == b."""
+        t = self.tile(I, J)
+        ps, pc = t.pair_sum, t.pair_count
+        n = float(self.n_tokens)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if measure == "mean":
+                M = ps / n
+                ok = np.ones(ps.shape, dtype=bool)
+            elif measure == "count":
+                M = pc.astype(np.float64)
+                ok = np.ones(ps.shape, dtype=bool)
+            elif measure == "jaccard":
+                f = self.fire_count.astype(np.float64)
+                den = f[t.rows][:, None] + f[t.cols][None, :] - pc
+                ok = den > 0
+                M = np.where(ok, pc / np.where(ok, den, 1.0), 0.0)
+            elif measure == "cosine":
+                q = self.gate_sq_sum
+                den = np.sqrt(q[t.rows][:, None] * q[t.cols][None, :])
+                ok = den > 0
+                M = np.where(ok, ps / np.where(ok, den, 1.0), 0.0)
+            else:  # lift
+                f = self.fire_count.astype(np.float64)
+                den = f[t.rows][:, None] * f[t.cols][None, :]
+                ok = den > 0
+                M = np.where(ok, pc * n / np.where(ok, den, 1.0), 0.0)
+        ok &= (M > threshold) & (pc >= min_count)
+        if I == J:
+            np.fill_diagonal(ok, False)
+        return M, ok
+
+
+def _open_trusted(path):
+    return CoactivationStats(path, allow_incomplete=True)
+
+
+def _top_values(M, ok, m, axis):
+    """The m largest eligible values along ``axis`` (descending, padded with -inf)."""
+    V = np.where(ok, M, -np.inf)
+    if axis == 0:
+        V = V.T
+    n, w = V.shape
+    if w > m:
+        V = -np.partition(-V, m - 1, axis=1)[:, :m]
+    V = -np.sort(-V, axis=1)
+    if V.shape[1] < m:
+        V = np.concatenate([V, np.full((n, m - V.shape[1]), -np.inf)], axis=1)
+    return V
+
+
+def _tile_topm(stats, tile, m, opts):
+    I, J = tile
+    M, ok = stats._tile_measure(I, J, *opts)
+    return _top_values(M, ok, m, 1), (None if I == J else _top_values(M, ok, m, 0))
+
+
+def _merge_topm(b, parts, m, T, K):
+    """θ for atom block ``b``: the m-th largest eligible partner value (-inf if fewer than m)."""
+    n = min(K, (b + 1) * T) - b * T
+    cands = [p[side] for p, side in parts]
+    allv = np.concatenate(cands, axis=1) if cands else np.full((n, m), -np.inf)
+    top = _top_values(allv, np.ones(allv.shape, dtype=bool), m, 1)
+    return top[:, m - 1]
+
+
+def _tile_pairs(stats, tile, opts, theta):
+    I, J = tile
+    M, ok = stats._tile_measure(I, J, *opts)
+    if theta is not None:
+        th_i, th_j = theta
+        ok &= (M >= th_i[:, None]) | (M >= th_j[None, :])
+    if I == J:
+        ok &= np.triu(np.ones(ok.shape, dtype=bool), 1)
+    a, b = np.nonzero(ok)
+    T = stats.tile_size
+    return (a + I * T).astype(np.int64), (b + J * T).astype(np.int64), M[a, b].astype(np.float64)
+
+
+def open_stats(path, *, allow_incomplete: bool = False) -> CoactivationStats:
+    """Open a statistics store written by :func:`coactivation_stats` or :func:`merge_stats`.
+
+    Examples
+    --------
+    >>> st = open_stats("stats.zarr")                   # doctest: +SKIP
+    >>> st.n_tokens, st.k_atoms, st.fire_count.shape    # doctest: +SKIP
+    """
+    return CoactivationStats(path, allow_incomplete=allow_incomplete)
