@@ -362,12 +362,14 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms, inv):
 
 # ---------------------------------------------------------------- Frobenius-normalised penalty
 # Per pair, with C = B_j B_kᵀ, E = ‖C‖²_F, N_x = ‖B_x‖²_F and κ = W/(N_j N_k): P = ½ Σ κ E.
-# Every kernel takes ``inv`` (length K): 1/N_a, or 0 for an atom whose block is zero (or so small
-# that 1/N_a is not finite); such an atom's pairs then carry κ = 0 and contribute nothing.
+# Every kernel takes ``inv`` (length K): 1/N_a, or 0 for an atom whose block is zero; such an
+# atom's pairs then carry κ = 0 and contribute nothing. A block with N_a < N_FLOOR counts as zero:
+# its 1/N_a would make κ = W/(N_j N_k) overflow (and fast-math forbids testing for inf afterwards).
+N_FLOOR = 1e-150
 
 @njit(parallel=True, **_OPTS)
 def inverse_sqnorms(beta, off, m, p):
-    """``(N, inv)``: ``N_a = ‖B_a‖²_F`` and ``inv_a = 1/N_a`` (0 when ``N_a = 0`` or ``1/N_a`` overflows)."""
+    """``(N, inv)``: ``N_a = ‖B_a‖²_F`` and ``inv_a = 1/N_a`` (0 when ``N_a < N_FLOOR``)."""
     K_ = m.shape[0]
     N = np.empty(K_)
     inv = np.empty(K_)
@@ -378,8 +380,7 @@ def inverse_sqnorms(beta, off, m, p):
             x = beta[o0 + u]
             s += x * x
         N[a] = s
-        r = 1.0 / s if s > 0.0 else 0.0
-        inv[a] = r if r < np.inf else 0.0
+        inv[a] = 1.0 / s if s >= N_FLOOR else 0.0
     return N, inv
 
 

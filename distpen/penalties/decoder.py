@@ -40,7 +40,8 @@ class DecoderIncoherencePenalty(Penalty):
     With ``normalize="frobenius"`` each pair is divided by ``N_j N_k``, ``N_x = ‖B_x‖²_F``:
     ``P = ½ Σ_pairs s·w_jk ‖B_j B_kᵀ‖²_F / (N_j N_k)``, homogeneous of degree 0 in every block. Its
     Gauss-Newton majorizer has the unnormalised blocks with pair weight ``κ = s·w_jk/(N_j N_k)``
-    from the current norms; a pair with a zero block contributes nothing to any operation.
+    from the current norms; a pair with a zero block contributes nothing to any operation (a block
+    with ``N < 1e-150`` counts as zero: ``1/N`` would overflow ``κ``).
 
     Parameters
     ----------
