@@ -485,3 +485,23 @@ def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, m
                 _axpy_rows(out, ow, beta, oa, ma * p, cb * inv[a])
             if cv != 0.0:
                 _axpy_rows(out, ow, v, oa, ma * p, -cv * inv[a])
+
+
+# ---------------------------------------------------------------- collinearity overlap
+@njit(parallel=True, **_OPTS)
+def self_gram_norms(beta, off, m, p, mmax):
+    """``‖B_a B_aᵀ‖_F`` for every atom (``= ‖B_aᵀ B_a‖_F``, computed on the ``M_a × M_a`` side)."""
+    K_ = m.shape[0]
+    out = np.empty(K_)
+    nch = (K_ + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+    for ch in prange(nch):
+        C = np.empty((mmax, mmax))
+        for a in range(ch * _ATOM_CHUNK, min(K_, ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+            ma = m[a]
+            _cross(beta, off[a], ma, beta, off[a], ma, p, 1.0, C)
+            s = 0.0
+            for r in range(ma):
+                for c in range(ma):
+                    s += C[r, c] * C[r, c]
+            out[a] = np.sqrt(s)
+    return out
