@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 import distpen as dp
 from distpen.errors import InvalidArgumentError
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REF_TOL = 1e-12
 
 
@@ -189,7 +189,7 @@ def test_radial_freedom_and_euler_identity(pb):
 # --------------------------------------------------------------------------- central differences
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(normalized_problems(max_atoms=5, max_block=4, max_p=4))
 def test_gradient_and_hvp_against_central_differences(pb):
     pen, t, rho = pb["pen"], pb["t"], pb["rho"]
@@ -219,7 +219,7 @@ def test_gradient_and_hvp_against_central_differences(pb):
 # --------------------------------------------------------------------------- Gauss-Newton majorizer
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(normalized_problems(max_atoms=5, max_block=4, max_p=3, zero_blocks=True))
 def test_gauss_newton_majorizer(pb):
     pen, t, rho, n = pb["pen"], pb["t"], pb["rho"], pb["n"]
