@@ -183,6 +183,71 @@ def dec_weighted_grams(t, block_sizes, p_out, pairs, s):
     return S
 
 
+# --------------------------------------------------------------------------- normalised decoder (§2.2b)
+
+
+def decn_kappa_pairs(t, block_sizes, p_out, pairs):
+    """The pairs with ``w`` replaced by ``w/(N_j N_k)``; pairs with a zero block dropped.
+
+    The Gauss-Newton majorizer of the normalised penalty is ``dec_gn_dense`` on these pairs.
+    """
+    B = ref_blocks(t, block_sizes, p_out)
+    out = []
+    for j, k, w in _pairs_list(pairs):
+        Nj, Nk = float(np.sum(B[j] ** 2)), float(np.sum(B[k] ** 2))
+        if Nj > 0 and Nk > 0:
+            out.append((j, k, w / (Nj * Nk)))
+    return out
+
+
+def decn_value(t, block_sizes, p_out, pairs, s):
+    B = ref_blocks(t, block_sizes, p_out)
+    P = 0.0
+    for j, k, w in decn_kappa_pairs(t, block_sizes, p_out, pairs):
+        C = B[j] @ B[k].T
+        P += 0.5 * s * w * float(np.sum(C * C))
+    return P
+
+
+def decn_grad(t, block_sizes, p_out, pairs, s):
+    """``∂P/∂B_j = κ (C B_k − (E/N_j) B_j)`` and symmetrically, pair by pair."""
+    B = ref_blocks(t, block_sizes, p_out)
+    G = [np.zeros_like(b) for b in B]
+    for j, k, w in _pairs_list(pairs):
+        Nj, Nk = float(np.sum(B[j] ** 2)), float(np.sum(B[k] ** 2))
+        if Nj == 0 or Nk == 0:
+            continue
+        kap = s * w / (Nj * Nk)
+        C = B[j] @ B[k].T
+        E = float(np.sum(C * C))
+        G[j] += kap * (C @ B[k] - (E / Nj) * B[j])
+        G[k] += kap * (C.T @ B[j] - (E / Nk) * B[k])
+    return ref_flatten(G)
+
+
+def decn_hvp(t, v, block_sizes, p_out, pairs, s):
+    """The exact HVP in the seed engine's form (DESIGN §2.2b), pair by pair."""
+    B = ref_blocks(t, block_sizes, p_out)
+    V = ref_blocks(v, block_sizes, p_out)
+    H = [np.zeros_like(b) for b in B]
+    for j, k, w in _pairs_list(pairs):
+        Nj, Nk = float(np.sum(B[j] ** 2)), float(np.sum(B[k] ** 2))
+        if Nj == 0 or Nk == 0:
+            continue
+        kap = s * w / (Nj * Nk)
+        C = B[j] @ B[k].T
+        E = float(np.sum(C * C))
+        dC = V[j] @ B[k].T + B[j] @ V[k].T
+        al = 2 * float(np.sum(B[j] * V[j])) / Nj
+        be = 2 * float(np.sum(B[k] * V[k])) / Nk
+        DE = 2 * float(np.sum(C * dC))
+        Gj, Gk = C @ B[k], C.T @ B[j]
+        DGj, DGk = dC @ B[k] + C @ V[k], dC.T @ B[j] + C.T @ V[j]
+        H[j] += kap * (DGj - (al + be) * Gj - (DE / Nj) * B[j] + (E / Nj) * (2 * al + be) * B[j] - (E / Nj) * V[j])
+        H[k] += kap * (DGk - (al + be) * Gk - (DE / Nk) * B[k] + (E / Nk) * (2 * be + al) * B[k] - (E / Nk) * V[k])
+    return ref_flatten(H)
+
+
 def probe_dense(matvec, n):
     """Test-only: a dense ``n × n`` matrix built column by column as ``matvec(e_i)``."""
     H = np.zeros((n, n))

@@ -199,12 +199,14 @@ def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_ba
 
 
 @njit(parallel=True, **_OPTS)
-def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1, out_base):
+def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1, out_base, inv):
     """Hessian-vector products for source atoms ``a0 ≤ a < a1`` (output placed as in :func:`grad_csr`).
 
     Per directed edge ``a → b`` with ``W = scale·w_ab``, ``C = B_a B_bᵀ``, ``dC = V_a B_bᵀ + B_a V_bᵀ``:
     ``mode`` 1 (exact) ``out_a += W (dC B_b + C V_b)``; 0 (Gauss-Newton) ``out_a += W dC B_b``;
     2 (Gauss-Newton without its diagonal blocks ``V_a S_a``) ``out_a += W (B_a V_bᵀ) B_b``.
+    A non-empty ``inv`` (per-atom ``1/N_a``, see :func:`inverse_sqnorms`) makes the pair weight
+    ``κ = W·inv_a·inv_b`` (the Gauss-Newton blocks of the normalised penalty; modes 0 and 2).
     """
     nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
     for ch in prange(nch):
@@ -219,6 +221,10 @@ def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1
                 mb = m[b]
                 ob = off[b]
                 w = wts[e] * scale
+                if inv.shape[0]:
+                    w = w * (inv[a] * inv[b])
+                    if w == 0.0:
+                        continue
                 _cross(beta, oa, ma, v, ob, mb, p, w, D)
                 if mode != 2:
                     _cross(v, oa, ma, beta, ob, mb, p, w, C)
@@ -232,14 +238,17 @@ def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1
 
 
 @njit(parallel=True, **_OPTS)
-def gn_diag_csr(beta, off, m, p, indptr, nbr, wts, scale, out, a0, a1, out_base):
+def gn_diag_csr(beta, off, m, p, indptr, nbr, wts, scale, out, a0, a1, out_base, inv):
     """Diagonal of the Gauss-Newton matrix for atoms ``a0 ≤ a < a1``: every row of atom ``a`` gets
-    ``diag(S_a) = scale · Σ_b w_ab Σ_c B_b[c, :]²`` (output placed as in :func:`grad_csr`)."""
+    ``diag(S_a) = scale · Σ_b w_ab Σ_c B_b[c, :]²`` (output placed as in :func:`grad_csr`; a
+    non-empty ``inv`` weights each pair by ``inv_a·inv_b`` as in :func:`hvp_csr`)."""
     for a in prange(a0, a1):
         d = np.zeros(p)
         for e in range(indptr[a], indptr[a + 1]):
             b = nbr[e]
             w = wts[e] * scale
+            if inv.shape[0]:
+                w = w * (inv[a] * inv[b])
             ob = off[b]
             for r in range(m[b]):
                 row = _U(ob + r * p)
@@ -329,8 +338,9 @@ def diag_blocks_into(S, atoms, off, m, p, scale, out, r0, c0):
 
 
 @njit(parallel=True, **_OPTS)
-def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms):
-    """``S_a = Σ_b w_ab B_bᵀ B_b`` for each atom ``a`` in ``atoms``: array ``(len(atoms), p, p)``."""
+def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms, inv):
+    """``S_a = Σ_b w_ab B_bᵀ B_b`` for each atom ``a`` in ``atoms``: array ``(len(atoms), p, p)``
+    (a non-empty ``inv`` weights each pair by ``inv_a·inv_b`` as in :func:`hvp_csr`)."""
     n = atoms.shape[0]
     out = np.zeros((n, p, p))
     for i in prange(n):
@@ -338,6 +348,8 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms):
         for e in range(indptr[a], indptr[a + 1]):
             b = nbr[e]
             w = wts[e]
+            if inv.shape[0]:
+                w = w * (inv[a] * inv[b])
             ob = off[b]
             for r in range(m[b]):
                 row = _U(ob + r * p)
@@ -345,4 +357,151 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms):
                     x = w * beta[row + _U(o1)]
                     for o2 in range(_U(p)):
                         out[i, o1, o2] += x * beta[row + o2]
+    return out
+
+
+# ---------------------------------------------------------------- Frobenius-normalised penalty
+# Per pair, with C = B_j B_kᵀ, E = ‖C‖²_F, N_x = ‖B_x‖²_F and κ = W/(N_j N_k): P = ½ Σ κ E.
+# Every kernel takes ``inv`` (length K): 1/N_a, or 0 for an atom whose block is zero; such an
+# atom's pairs then carry κ = 0 and contribute nothing. A block with N_a < N_FLOOR counts as zero:
+# its 1/N_a would make κ = W/(N_j N_k) overflow (and fast-math forbids testing for inf afterwards).
+N_FLOOR = 1e-150
+
+@njit(parallel=True, **_OPTS)
+def inverse_sqnorms(beta, off, m, p):
+    """``(N, inv)``: ``N_a = ‖B_a‖²_F`` and ``inv_a = 1/N_a`` (0 when ``N_a < N_FLOOR``)."""
+    K_ = m.shape[0]
+    N = np.empty(K_)
+    inv = np.empty(K_)
+    for a in prange(K_):
+        s = 0.0
+        o0 = _U(off[a])
+        for u in range(_U(m[a] * p)):
+            x = beta[o0 + u]
+            s += x * x
+        N[a] = s
+        inv[a] = 1.0 / s if s >= N_FLOOR else 0.0
+    return N, inv
+
+
+@njit(parallel=True, **_OPTS)
+def block_dots(beta, v, off, m, p, inv):
+    """``α_a = 2⟨B_a, V_a⟩ / N_a`` (0 where ``inv_a = 0``): the relative change of ``N_a`` along ``v``."""
+    K_ = m.shape[0]
+    out = np.empty(K_)
+    for a in prange(K_):
+        s = 0.0
+        o0 = _U(off[a])
+        for u in range(_U(m[a] * p)):
+            s += beta[o0 + u] * v[o0 + u]
+        out[a] = 2.0 * s * inv[a]
+    return out
+
+
+@njit(**_INL)
+def _axpy_rows(out, oa, x, ox, n, c):
+    """``out[oa:oa+n] += c · x[ox:ox+n]``."""
+    oa = _U(oa); ox = _U(ox)
+    for u in range(_U(n)):
+        out[oa + u] += c * x[ox + u]
+
+
+@njit(parallel=True, **_OPTS)
+def grad_norm_csr(beta, off, m, p, indptr, nbr, wts, scale, inv, out, mmax, a0, a1, out_base):
+    """Gradient of the normalised penalty for source atoms ``a0 ≤ a < a1`` (placed as in :func:`grad_csr`):
+    ``out_a += Σ_b κ_ab (C B_b − (E_ab/N_a) B_a)`` with ``κ_ab = scale·w_ab·inv_a·inv_b``."""
+    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+    for ch in prange(nch):
+        C = np.empty((mmax, mmax))
+        for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+            ma = m[a]
+            oa = off[a]
+            radial = 0.0  # Σ_b κ_ab E_ab
+            for e in range(indptr[a], indptr[a + 1]):
+                b = nbr[e]
+                kap = wts[e] * scale * (inv[a] * inv[b])
+                if kap == 0.0:
+                    continue
+                mb = m[b]
+                _cross(beta, oa, ma, beta, off[b], mb, p, 1.0, C)
+                E = 0.0
+                for r in range(ma):
+                    for c in range(mb):
+                        x = C[r, c]
+                        E += x * x
+                        C[r, c] = kap * x
+                radial += kap * E
+                _gemm_acc(out, oa - out_base, ma, C, beta, off[b], mb, p)
+            if radial != 0.0:
+                _axpy_rows(out, oa - out_base, beta, oa, ma * p, -radial * inv[a])
+
+
+@njit(parallel=True, **_OPTS)
+def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, mmax, a0, a1, out_base):
+    """Exact Hessian-vector product of the normalised penalty for atoms ``a0 ≤ a < a1`` (placed as in
+    :func:`grad_csr`). Per directed edge ``a → b``, with ``α = alpha`` (:func:`block_dots`),
+    ``dC = V_a B_bᵀ + B_a V_bᵀ``, ``DE = 2⟨C, dC⟩``:
+
+    ``out_a += κ [dC B_b + C V_b − (α_a+α_b) C B_b + ((2α_a+α_b) E − DE)/N_a · B_a − E/N_a · V_a]``.
+    """
+    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+    for ch in prange(nch):
+        C = np.empty((mmax, mmax))
+        X = np.empty((mmax, mmax))
+        Y = np.empty((mmax, mmax))
+        for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+            ma = m[a]
+            oa = off[a]
+            ow = oa - out_base
+            cb = 0.0  # coefficient of B_a, times N_a
+            cv = 0.0  # coefficient of V_a, times N_a
+            for e in range(indptr[a], indptr[a + 1]):
+                b = nbr[e]
+                kap = wts[e] * scale * (inv[a] * inv[b])
+                if kap == 0.0:
+                    continue
+                mb = m[b]
+                ob = off[b]
+                _cross(beta, oa, ma, beta, ob, mb, p, 1.0, C)
+                _cross(v, oa, ma, beta, ob, mb, p, 1.0, X)
+                _cross(beta, oa, ma, v, ob, mb, p, 1.0, Y)
+                g = -(alpha[a] + alpha[b])
+                E = 0.0
+                DE = 0.0
+                for r in range(ma):
+                    for c in range(mb):
+                        x = C[r, c]
+                        d = X[r, c] + Y[r, c]
+                        E += x * x
+                        DE += x * d
+                        X[r, c] = kap * (d + g * x)
+                        C[r, c] = kap * x
+                DE *= 2.0
+                cb += kap * ((2.0 * alpha[a] + alpha[b]) * E - DE)
+                cv += kap * E
+                _gemm_acc(out, ow, ma, X, beta, ob, mb, p)
+                _gemm_acc(out, ow, ma, C, v, ob, mb, p)
+            if cb != 0.0:
+                _axpy_rows(out, ow, beta, oa, ma * p, cb * inv[a])
+            if cv != 0.0:
+                _axpy_rows(out, ow, v, oa, ma * p, -cv * inv[a])
+
+
+# ---------------------------------------------------------------- collinearity overlap
+@njit(parallel=True, **_OPTS)
+def self_gram_norms(beta, off, m, p, mmax):
+    """``‖B_a B_aᵀ‖_F`` for every atom (``= ‖B_aᵀ B_a‖_F``, computed on the ``M_a × M_a`` side)."""
+    K_ = m.shape[0]
+    out = np.empty(K_)
+    nch = (K_ + _ATOM_CHUNK - 1) // _ATOM_CHUNK
+    for ch in prange(nch):
+        C = np.empty((mmax, mmax))
+        for a in range(ch * _ATOM_CHUNK, min(K_, ch * _ATOM_CHUNK + _ATOM_CHUNK)):
+            ma = m[a]
+            _cross(beta, off[a], ma, beta, off[a], ma, p, 1.0, C)
+            s = 0.0
+            for r in range(ma):
+                for c in range(ma):
+                    s += C[r, c] * C[r, c]
+            out[a] = np.sqrt(s)
     return out

@@ -149,3 +149,74 @@ def hdiag_into(t, W, eps, out):
 def hvp_into(t, W, eps, v, out):
     """``out = W_i · ε² / (t² + ε²)^{3/2} · v``; returns the first non-finite row of ``t`` or -1."""
     return _map_rows(t, W, eps, v, out, 2)
+
+
+@njit(parallel=True, **_OPTS)
+def value_grad_diag_into(t, W, eps, grad, diag):
+    """One pass over ``t``: ``(column sums of sqrt(t² + ε²), first non-finite row or -1)``, with
+    ``grad = W_i t/r`` and ``diag = W_i ε²/r³`` written on the way (``r = sqrt(t² + ε²)``).
+
+    The column sums are accumulated in the order of :func:`col_sums_r` and the arrays by the
+    formulas of :func:`_map_rows`, so on ordinary rows the results are those of the three separate
+    kernels bit for bit. A block holding a flagged row is redone as those kernels redo it
+    (non-finite rows reported, rows where ``t²`` overflows through ``hypot``; on such rows the
+    arrays agree to rounding).
+    """
+    n, f = t.shape
+    nb = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
+    part = np.zeros((nb, f))
+    bad = np.full(nb, -1, dtype=np.int64)
+    e2 = eps * eps
+    safe_all = e2 < _TINY
+    for blk in prange(nb):
+        lo = blk * _ROW_BLOCK
+        hi = min(n, lo + _ROW_BLOCK)
+        flagged = safe_all
+        if not safe_all:
+            chk = 0.0
+            for r in range(lo, hi):
+                for i in range(f):
+                    x = t[r, i]
+                    q = x * x + e2
+                    chk += q * 0.0
+                    s = np.sqrt(q)
+                    part[blk, i] += s
+                    grad[r, i] = W[i] * x / s
+                    diag[r, i] = W[i] * e2 / (q * s)
+            flagged = chk != chk
+        if flagged:
+            for i in range(f):
+                part[blk, i] = 0.0
+            for r in range(lo, hi):
+                if _row_has_nonfinite(t, r):
+                    if bad[blk] < 0:
+                        bad[blk] = r
+                    continue
+                row_ok = not safe_all
+                if row_ok:
+                    c = 0.0
+                    for i in range(f):
+                        x = t[r, i]
+                        c += (x * x + e2) * 0.0
+                    row_ok = c == c
+                for i in range(f):
+                    x = t[r, i]
+                    q = x * x + e2
+                    if safe_all or not q * 0.0 == 0.0:
+                        part[blk, i] += np.hypot(x, eps)
+                    else:
+                        part[blk, i] += np.sqrt(q)
+                    if row_ok:
+                        s = np.sqrt(q)
+                        grad[r, i] = W[i] * x / s
+                        diag[r, i] = W[i] * e2 / (q * s)
+                    else:
+                        rr = np.hypot(x, eps)
+                        u = eps / rr
+                        grad[r, i] = W[i] * (x / rr)
+                        diag[r, i] = W[i] * (u * u) / rr
+    out = np.zeros(f)
+    for blk in range(nb):
+        for i in range(f):
+            out[i] += part[blk, i]
+    return out, _first_bad(bad)

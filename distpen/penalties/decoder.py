@@ -13,7 +13,21 @@ from ..weights import ScalarWeightSchedule, resolve_learnable_weight
 from . import _decoder_kernels as K
 from ._base import Penalty
 
-__all__ = ["DecoderIncoherencePenalty"]
+__all__ = ["DecoderIncoherencePenalty", "NORMALIZATIONS"]
+
+#: the accepted values of ``normalize``
+NORMALIZATIONS = (None, "frobenius")
+_NO_INV = np.zeros(0)
+
+
+def check_normalize(normalize):
+    """``None`` or ``"frobenius"``; anything else is an error."""
+    if normalize is None or (isinstance(normalize, str) and normalize == "frobenius"):
+        return normalize
+    raise InvalidArgumentError(
+        f"normalize must be None (P = ½ Σ W ‖B_j B_kᵀ‖²) or 'frobenius' (each pair divided by "
+        f"‖B_j‖²‖B_k‖²), got {normalize!r}"
+    )
 
 
 class DecoderIncoherencePenalty(Penalty):
@@ -22,6 +36,12 @@ class DecoderIncoherencePenalty(Penalty):
     Atom ``k`` owns the block ``B_k`` (``M_k × p_out``) of the flat decoder vector ``t``; pairs are a
     sparse :class:`~distpen.PairTable` of co-activating atoms. The strength ``s`` is ``weight``, or
     ``resolve_learnable_weight(weight, ρ[0])`` when ``learnable_weight`` is set.
+
+    With ``normalize="frobenius"`` each pair is divided by ``N_j N_k``, ``N_x = ‖B_x‖²_F``:
+    ``P = ½ Σ_pairs s·w_jk ‖B_j B_kᵀ‖²_F / (N_j N_k)``, homogeneous of degree 0 in every block. Its
+    Gauss-Newton majorizer has the unnormalised blocks with pair weight ``κ = s·w_jk/(N_j N_k)``
+    from the current norms; a pair with a zero block contributes nothing to any operation (a block
+    with ``N < 1e-150`` counts as zero: ``1/N`` would overflow ``κ``).
 
     Parameters
     ----------
@@ -35,6 +55,8 @@ class DecoderIncoherencePenalty(Penalty):
         Finite and > 0.
     learnable_weight : bool
         Whether the strength is ``weight·exp(ρ)`` with its own ρ entry (``rho_count = 1``).
+    normalize : {None, "frobenius"}
+        The penalty's form (see above).
 
     Raises
     ------
@@ -48,13 +70,16 @@ class DecoderIncoherencePenalty(Penalty):
     >>> pen = dp.DecoderIncoherencePenalty.from_coactivation(C, [1, 1], 2, weight=2.0)
     >>> pen.value(np.array([1.0, 0.0, 1.0, 1.0]))   # ½ · 2 · 0.5 · (1·1 + 0·1)²
     0.5
+    >>> nrm = dp.DecoderIncoherencePenalty.from_coactivation(C, [1, 1], 2, weight=2.0, normalize="frobenius")
+    >>> nrm.value(np.array([1.0, 0.0, 1.0, 1.0]))   # … / (‖B_0‖² ‖B_1‖²) = 0.5 / 2
+    0.25
     """
 
     kind_tag = "decoder_incoherence"
     tier = PenaltyTier.BETA
 
     def __init__(self, pairs: PairTable, block_sizes, p_out: int, weight: float,
-                 learnable_weight: bool = False):
+                 learnable_weight: bool = False, normalize: str | None = None):
         if not isinstance(pairs, PairTable):
             raise InvalidArgumentError(
                 f"pairs must be a PairTable, got {type(pairs).__name__}; build one with "
@@ -72,12 +97,13 @@ class DecoderIncoherencePenalty(Penalty):
             raise InvalidArgumentError(f"learnable_weight must be a bool, got {learnable_weight!r}")
         self.learnable_weight = bool(learnable_weight)
         self.rho_count = 1 if self.learnable_weight else 0
+        self.normalize = check_normalize(normalize)
         self.schedule = None
 
     # ---------------------------------------------------------------- constructors
     @classmethod
     def from_coactivation(cls, C, block_sizes, p_out: int, weight: float,
-                          learnable_weight: bool = False) -> "DecoderIncoherencePenalty":
+                          learnable_weight: bool = False, normalize: str | None = None) -> "DecoderIncoherencePenalty":
         """Build from a dense ``K × K`` co-activation matrix (``w = ½(C[j,k] + C[k,j])``, zeros dropped)."""
         layout = DecoderLayout(block_sizes, p_out)
         C_arr = np.asarray(C)
@@ -86,11 +112,11 @@ class DecoderIncoherencePenalty(Penalty):
                 f"coactivation must be K × K = {layout.k_atoms} × {layout.k_atoms} for "
                 f"{layout.k_atoms} blocks, got shape {C_arr.shape}"
             )
-        return cls(PairTable.from_dense(C_arr), layout.block_sizes, p_out, weight, learnable_weight)
+        return cls(PairTable.from_dense(C_arr), layout.block_sizes, p_out, weight, learnable_weight, normalize)
 
     @classmethod
     def from_pairs(cls, pairs, block_sizes, p_out: int, weight: float,
-                   learnable_weight: bool = False) -> "DecoderIncoherencePenalty":
+                   learnable_weight: bool = False, normalize: str | None = None) -> "DecoderIncoherencePenalty":
         """Build from a :class:`PairTable` or a ``(j, k, w)`` triple over ``len(block_sizes)`` atoms."""
         if not isinstance(pairs, PairTable):
             try:
@@ -100,20 +126,21 @@ class DecoderIncoherencePenalty(Penalty):
                     f"pairs must be a PairTable or a (j, k, w) triple of arrays, got {type(pairs).__name__}"
                 ) from None
             pairs = PairTable(j, k, w, len(np.asarray(block_sizes)))
-        return cls(pairs, block_sizes, p_out, weight, learnable_weight)
+        return cls(pairs, block_sizes, p_out, weight, learnable_weight, normalize)
 
     # ---------------------------------------------------------------- spec (cheap to ship)
     def to_spec(self) -> dict:
         """A JSON-able description without the pairs (they travel separately)."""
         return {"kind_tag": self.kind_tag, **self.layout.to_spec(), "weight": self.weight,
-                "learnable_weight": self.learnable_weight,
+                "learnable_weight": self.learnable_weight, "normalize": self.normalize,
                 "schedule": None if self.schedule is None else self.schedule.to_spec()}
 
     @classmethod
     def from_spec(cls, spec: dict, pairs: PairTable) -> "DecoderIncoherencePenalty":
         if spec.get("kind_tag") != cls.kind_tag:
             raise InvalidArgumentError(f"spec kind_tag {spec.get('kind_tag')!r} is not {cls.kind_tag!r}")
-        out = cls(pairs, spec["block_sizes"], spec["p_out"], spec["weight"], spec["learnable_weight"])
+        out = cls(pairs, spec["block_sizes"], spec["p_out"], spec["weight"], spec["learnable_weight"],
+                  spec.get("normalize"))  # specs written before normalisation existed are unnormalised
         if spec.get("schedule") is not None:
             out.schedule = ScalarWeightSchedule.from_spec(spec["schedule"])
         return out
@@ -121,7 +148,8 @@ class DecoderIncoherencePenalty(Penalty):
     def with_pairs(self, pairs: PairTable, layout: DecoderLayout | None = None) -> "DecoderIncoherencePenalty":
         """The same penalty (weight, schedule) on another pair set, optionally over another layout."""
         layout = self.layout if layout is None else layout
-        out = type(self)(pairs, layout.block_sizes, layout.p_out, self.weight, self.learnable_weight)
+        out = type(self)(pairs, layout.block_sizes, layout.p_out, self.weight, self.learnable_weight,
+                         self.normalize)
         out.schedule = None if self.schedule is None else self.schedule.copy()
         return out
 
@@ -153,7 +181,8 @@ class DecoderIncoherencePenalty(Penalty):
     def __repr__(self) -> str:
         return (f"DecoderIncoherencePenalty(k_atoms={self.k_atoms}, p_out={self.p_out}, "
                 f"n_pairs={len(self.pairs)}, weight={self.weight!r}, "
-                f"learnable_weight={self.learnable_weight})")
+                f"learnable_weight={self.learnable_weight}"
+                + ("" if self.normalize is None else f", normalize={self.normalize!r}") + ")")
 
     def _check_target(self, t, name: str = "t") -> np.ndarray:
         return self.layout.check_beta(t, name)
@@ -179,16 +208,54 @@ class DecoderIncoherencePenalty(Penalty):
         off, m, p = self._lay()
         return K.pair_sqnorms(t, off, m, p, self.pairs.j, self.pairs.k)
 
+    def _inv(self, t) -> np.ndarray:
+        """Per-atom ``1/N_a`` (0 for a zero block) when normalised; an empty array otherwise."""
+        if self.normalize is None:
+            return _NO_INV
+        off, m, p = self._lay()
+        return K.inverse_sqnorms(t, off, m, p)[1]
+
+    def block_sqnorms(self, t) -> np.ndarray:
+        """``N_a = ‖B_a‖²_F`` for every atom."""
+        t = self._check_target(t)
+        off, m, p = self._lay()
+        return K.inverse_sqnorms(t, off, m, p)[0]
+
+    def _pair_weights(self, inv, q0: int = 0, q1: int | None = None) -> np.ndarray:
+        """``w_jk`` of pairs ``[q0, q1)``, times ``inv_j·inv_k`` when normalised (strength not applied)."""
+        pairs = self.pairs
+        w = pairs.w[q0:q1]
+        if self.normalize is None:
+            return w
+        return w * (inv[pairs.j[q0:q1]] * inv[pairs.k[q0:q1]])
+
+    def gn_pair_weights(self, t, rho=None) -> np.ndarray:
+        """The Gauss-Newton pair weight of every pair, in table order: array of shape (n_pairs,).
+
+        ``W_jk = s·w_jk`` for the unnormalised penalty; ``κ_jk = s·w_jk/(N_j N_k)`` from the current
+        norms with ``normalize="frobenius"`` (0 for a pair with a zero block). The Gauss-Newton
+        matrix is the unnormalised one of DESIGN §2.2 with these weights, and
+        ``weighted_grams``' ``S_a = Σ_b κ_ab B_bᵀ B_b``.
+        """
+        t = self._check_target(t)
+        rho = self._check_rho(rho)
+        return self._strength(rho) * self._pair_weights(self._inv(t))
+
     def _value(self, t, rho):
         off, m, p = self._lay()
         sq = K.pair_sqnorms(t, off, m, p, self.pairs.j, self.pairs.k)
+        if self.normalize is not None:
+            return 0.5 * self._strength(rho) * float(np.dot(self._pair_weights(self._inv(t)), sq))
         return 0.5 * self._strength(rho) * float(np.dot(self.pairs.w, sq))
 
     _ROW_OPS = {"grad": -1, "psd_majorizer_hvp": 0, "hvp": 1, "psd_majorizer_offdiag_hvp": 2,
                 "psd_majorizer_diag": -2}
 
-    def _rows(self, op: str, t, rho, v=None, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Rows of atoms ``[lo, hi)`` of a vector operation, computed from those atoms' pairs only."""
+    def _rows(self, op: str, t, rho, v=None, lo: int = 0, hi: int | None = None, inv=None) -> np.ndarray:
+        """Rows of atoms ``[lo, hi)`` of a vector operation, computed from those atoms' pairs only.
+
+        ``inv`` (from :meth:`_inv`) may be passed by callers that run several operations on one ``t``.
+        """
         hi = self.k_atoms if hi is None else hi
         off, m, p = self._lay()
         base = int(off[lo])
@@ -198,12 +265,25 @@ class DecoderIncoherencePenalty(Penalty):
         indptr, nbr, wts = self.pairs.directed()
         s = self._strength(rho)
         mode = self._ROW_OPS[op]
+        mmax = self.layout.max_block
+        if self.normalize is None:
+            if mode == -1:
+                K.grad_csr(t, off, m, p, indptr, nbr, wts, s, out, mmax, lo, hi, base)
+            elif mode == -2:
+                K.gn_diag_csr(t, off, m, p, indptr, nbr, wts, s, out, lo, hi, base, _NO_INV)
+            else:
+                K.hvp_csr(t, v, off, m, p, indptr, nbr, wts, s, mode, out, mmax, lo, hi, base, _NO_INV)
+            return out
+        inv = self._inv(t) if inv is None else inv
         if mode == -1:
-            K.grad_csr(t, off, m, p, indptr, nbr, wts, s, out, self.layout.max_block, lo, hi, base)
+            K.grad_norm_csr(t, off, m, p, indptr, nbr, wts, s, inv, out, mmax, lo, hi, base)
         elif mode == -2:
-            K.gn_diag_csr(t, off, m, p, indptr, nbr, wts, s, out, lo, hi, base)
+            K.gn_diag_csr(t, off, m, p, indptr, nbr, wts, s, out, lo, hi, base, inv)
+        elif mode == 1:
+            alpha = K.block_dots(t, v, off, m, p, inv)
+            K.hvp_norm_csr(t, v, off, m, p, indptr, nbr, wts, s, inv, alpha, out, mmax, lo, hi, base)
         else:
-            K.hvp_csr(t, v, off, m, p, indptr, nbr, wts, s, mode, out, self.layout.max_block, lo, hi, base)
+            K.hvp_csr(t, v, off, m, p, indptr, nbr, wts, s, mode, out, mmax, lo, hi, base, inv)
         return out
 
     def _grad(self, t, rho):
@@ -239,7 +319,7 @@ class DecoderIncoherencePenalty(Penalty):
         atoms = np.arange(self.k_atoms, dtype=np.int64) if atoms is None else np.asarray(atoms, dtype=np.int64)
         off, m, p = self._lay()
         indptr, nbr, wts = self.pairs.directed()
-        S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms)
+        S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms, self._inv(t))
         S *= self._strength(rho)
         return S
 
@@ -270,10 +350,11 @@ class DecoderIncoherencePenalty(Penalty):
             raise InvalidArgumentError("out must be a writeable C-contiguous 2-D float64 array")
         s = self._strength(rho)
         off, m, p = self._lay()
+        inv = self._inv(t)
         if grams is None:
             atoms = np.arange(self.k_atoms, dtype=np.int64)
             indptr, nbr, wts = self.pairs.directed()
-            S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms)
+            S = K.weighted_grams_csr(t, off, m, p, indptr, nbr, wts, atoms, inv)
             diag_scale = s * scale
         else:
             atoms, S = np.asarray(grams[0], dtype=np.int64), np.ascontiguousarray(grams[1], dtype=np.float64)
@@ -281,7 +362,7 @@ class DecoderIncoherencePenalty(Penalty):
                 raise ShapeMismatchError(f"grams S has shape {S.shape}, expected ({atoms.shape[0]}, {p}, {p})")
             diag_scale = scale
         K.diag_blocks_into(S, atoms, off, m, p, diag_scale, out, int(row0), int(col0))
-        K.gn_offdiag_into(t, off, m, p, self.pairs.j, self.pairs.k, self.pairs.w, s * scale, out,
+        K.gn_offdiag_into(t, off, m, p, self.pairs.j, self.pairs.k, self._pair_weights(inv), s * scale, out,
                           int(row0), int(col0))
         return out
 
@@ -308,11 +389,12 @@ class DecoderIncoherencePenalty(Penalty):
             raise InvalidArgumentError(f"atom ranges {out_atoms!r}, {value_atoms!r} must lie in [0, {K_}]")
         s = self._strength(rho)
         off, m, p = self._lay()
+        inv = self._inv(t)
         res: dict = {}
         if "value" in ops or "grad_rho" in ops:
             q0, q1 = np.searchsorted(self.pairs.j, [vlo, vhi])
             sq = K.pair_sqnorms(t, off, m, p, self.pairs.j[q0:q1], self.pairs.k[q0:q1])
-            val = 0.5 * s * float(np.dot(self.pairs.w[q0:q1], sq))
+            val = 0.5 * s * float(np.dot(self._pair_weights(inv, q0, q1), sq))
             if "value" in ops:
                 res["value"] = val
             if "grad_rho" in ops:
@@ -322,7 +404,7 @@ class DecoderIncoherencePenalty(Penalty):
                 probe = None
                 if name in ("hvp", "psd_majorizer_hvp", "psd_majorizer_offdiag_hvp"):
                     probe = v if _validated else self._check_probe(v, t)
-                res[name] = self._rows(name, t, rho, probe, lo, hi)
+                res[name] = self._rows(name, t, rho, probe, lo, hi, inv)
         if "hessian_diag" in ops:
             res["hessian_diag"] = None
         return res

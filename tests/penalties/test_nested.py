@@ -326,3 +326,72 @@ def test_tiny_eps_gives_finite_derivatives_at_zero():
     assert np.isfinite(g).all() and np.isfinite(h).all()
     np.testing.assert_allclose(g, [0.0, 1.0], rtol=1e-12)
     assert pen.value(t, rho) == pytest.approx(1.0 + 2e-200, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- fused value, gradient, diagonal
+
+
+def test_value_grad_diag_equals_the_three_calls(prob):
+    pen, t, rho = prob["pen"], prob["t"], prob["rho"]
+    val, g, d = pen.value_grad_diag(t, rho)
+    assert val == pen.value(t, rho)
+    np.testing.assert_array_equal(g, pen.grad_target(t, rho))
+    np.testing.assert_array_equal(d, pen.hessian_diag(t, rho))
+    assert val == pytest.approx(nest_value(t, *_ref(prob)), rel=REF_TOL)
+
+
+@pytest.mark.parametrize("n_rows", [1, 1023, 1024, 2500])  # row blocks of 1024: ragged and exact
+def test_value_grad_diag_into_buffers_across_row_blocks(n_rows):
+    rng = np.random.default_rng(n_rows)
+    pen = dp.NestedPrefixPenalty([2, 5, 7], [1.0, 0.5, 0.0], eps=0.05, latent_dim=7)
+    rho = rng.uniform(-1, 1, 3)
+    t = rng.standard_normal(n_rows * 7)
+    g_buf, d_buf = np.full_like(t, np.nan), np.full_like(t, np.nan)
+    val, g, d = pen.value_grad_diag(t, rho, out_grad=g_buf, out_diag=d_buf)
+    assert g is g_buf and d is d_buf
+    assert val == pen.value(t, rho)
+    np.testing.assert_array_equal(g, pen.grad_target(t, rho))
+    np.testing.assert_array_equal(d, pen.hessian_diag(t, rho))
+
+
+def test_value_grad_diag_overflowing_and_non_finite_rows():
+    pen = dp.NestedPrefixPenalty([2, 4], [1.0, 2.0], eps=1e-3)
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal(4 * 1500)
+    t[5], t[4 * 1400 + 1] = 1e200, -3e160  # t² overflows: the hypot path
+    val, g, d = pen.value_grad_diag(t, np.zeros(2))
+    assert np.isfinite(val) and np.isfinite(g).all() and np.isfinite(d).all()
+    assert val == pytest.approx(pen.value(t, np.zeros(2)), rel=1e-15)
+    np.testing.assert_allclose(g, pen.grad_target(t, np.zeros(2)), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(d, pen.hessian_diag(t, np.zeros(2)), rtol=1e-15, atol=0)
+    t[4 * 1100 + 2] = np.nan
+    with pytest.raises(dp.errors.InvalidArgumentError, match=r"t must be finite, but t\[4402\] = nan"):
+        pen.value_grad_diag(t, np.zeros(2))
+
+
+def test_value_grad_diag_tiny_eps():
+    pen = dp.NestedPrefixPenalty([3], [1.0], eps=1e-200)
+    t = np.array([0.0, 1.0, -2.0])
+    val, g, d = pen.value_grad_diag(t, np.zeros(1))
+    assert val == pen.value(t, np.zeros(1))
+    np.testing.assert_array_equal(g, pen.grad_target(t, np.zeros(1)))
+    np.testing.assert_array_equal(d, pen.hessian_diag(t, np.zeros(1)))
+
+
+@pytest.mark.parametrize("bad", ["f32", "short", "alias_t", "readonly", "same"])
+def test_value_grad_diag_bad_buffers(bad):
+    pen = dp.NestedPrefixPenalty([2], [1.0], eps=0.1)
+    t = np.arange(6.0)
+    g, d = np.empty(6), np.empty(6)
+    if bad == "f32":
+        g = np.empty(6, dtype=np.float32)
+    elif bad == "short":
+        d = np.empty(5)
+    elif bad == "alias_t":
+        g = t
+    elif bad == "readonly":
+        g.setflags(write=False)
+    else:
+        d = g
+    with pytest.raises(dp.errors.InvalidArgumentError, match="out_grad|out_diag"):
+        pen.value_grad_diag(t, np.zeros(1), out_grad=g, out_diag=d)
