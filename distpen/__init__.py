@@ -16,19 +16,13 @@ The layers, from the floor up (a module imports only from layers below its own; 
 from . import errors
 from .cluster import connect
 from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats
-from .curvature import (
-                        FactoredMajorizer,
-                        NewtonResult,
-                        assemble_majorizer,
-                        evaluate,
-                        newton_recorder,
-                        newton_step,
-                        save_newton_result,
-)
+from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, evaluate, newton_recorder,
+                        newton_step, save_newton_result)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
 from .pairs import PairTable
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty, penalty_from_spec
-from .sources import DenseGates, TopKGates, open_gates, synth_gates
+from .sources import (SAE, ActivationSource, DelphiLatents, DenseGates, TopKGates, load_sae, open_activations,
+                      open_gates, synth_gates)
 from .store import RunStore
 from .weights import Geometric, Linear, ReciprocalIter, ScalarWeightSchedule, resolve_learnable_weight
 
@@ -56,6 +50,11 @@ __all__ = [
     "TopKGates",
     "open_gates",
     "synth_gates",
+    "DelphiLatents",
+    "SAE",
+    "load_sae",
+    "ActivationSource",
+    "open_activations",
     "coactivation_stats",
     "open_stats",
     "merge_stats",

@@ -25,23 +25,9 @@ from ..store import RunStore, local_store_path
 from . import _kernels as ker
 from ._store import _RESUME_HINT, _json_roundtrip, _prepare_store
 from ._tasks import _combine, _finalize, _leaf, _leaf_and_finalize, _release_worker_buffers
-from .plan import (
-    _FORMAT_VERSION,
-    _MIN_STREAM_GROUPS,
-    _SPARSE_DENSITY,
-    STAGE,
-    _check_split_every,
-    _fan_in,
-    _group_tiles,
-    _parse_unit,
-    _sample_density,
-    _sources,
-    _tiles,
-    _unit,
-    default_row_chunk,
-    default_split_every,
-    default_tile,
-)
+from .plan import (_FORMAT_VERSION, _MIN_STREAM_GROUPS, _SPARSE_DENSITY, STAGE, _check_split_every, _fan_in,
+                   _group_tiles, _parse_unit, _sample_density, _sources, _tiles, _unit, default_row_chunk,
+                   default_split_every, default_tile)
 from .stats import CoactivationStats
 
 __all__ = ["coactivation_stats"]

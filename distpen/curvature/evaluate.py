@@ -20,20 +20,8 @@ from .._validation import check_positive_int
 from .._workers import kernel_threads, threads_per_task
 from ..errors import InvalidArgumentError, ShapeMismatchError
 from ..penalties import DecoderIncoherencePenalty, Penalty
-from ._common import (
-    NUMPY_RESULT_LIMIT,
-    PROBE_OPS,
-    SCALAR_OPS,
-    VECTOR_OPS,
-    _client,
-    _spill_path,
-    _sum_tree,
-    _Tracker,
-    check_ops,
-    check_penalty,
-    input_identity,
-    pairs_identity,
-)
+from ._common import (NUMPY_RESULT_LIMIT, PROBE_OPS, SCALAR_OPS, VECTOR_OPS, _client, _spill_path, _sum_tree,
+                      _Tracker, check_ops, check_penalty, input_identity, pairs_identity)
 from ._vectors import VectorSource, as_vector_source, is_dask_array, is_zarr_array
 from .plan import DecoderPlan, _Part, _Range, shared_mode
 

@@ -1,12 +1,24 @@
-"""Where gates come from: dense and top-k gate arrays, gate stores, and synthetic gates.
+"""Where gates come from: gate arrays and stores, the latent caches and SAEs users already have.
 
 :mod:`.gates`
     :class:`DenseGates`, :class:`TopKGates`, :func:`open_gates`;
 :mod:`.synth`
-    :func:`synth_gates`, synthetic gates written on the workers.
+    :func:`synth_gates`, synthetic gates written on the workers;
+:mod:`.delphi`
+    :class:`DelphiLatents`, a delphi latent cache read as sparse token rows;
+:mod:`.sae`
+    :class:`SAE` encoders (ReLU, TopK, JumpReLU) and :func:`load_sae` for SAELens and sparsify
+    checkpoints;
+:mod:`.activations`
+    :func:`open_activations`: activation banks (safetensors, ``.npy``), SAELens Arrow caches, the
+    seed engine's corpus shards, and arrays.
 """
 
+from .activations import ActivationSource, open_activations
+from .delphi import DelphiLatents, is_latent_cache
 from .gates import DenseGates, TopKGates, as_gates, open_gates
+from .sae import SAE, load_sae
 from .synth import synth_gates
 
-__all__ = ["DenseGates", "TopKGates", "as_gates", "open_gates", "synth_gates"]
+__all__ = ["DenseGates", "TopKGates", "as_gates", "open_gates", "synth_gates", "DelphiLatents",
+           "is_latent_cache", "SAE", "load_sae", "ActivationSource", "open_activations"]
