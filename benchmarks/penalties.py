@@ -448,6 +448,51 @@ def bench_nested_fused(args, summary):
                     ("bw", t.nbytes / tf.best / 1e9, copy_bw, 0.40)])
 
 
+def bench_collinearity(args, summary):
+    """dp.collinearity_gate on 10⁶ candidate pairs, decoder from Zarr, 2 workers, against a GEMM."""
+    import tempfile
+
+    import zarr
+    from distributed import Client, LocalCluster
+
+    from distpen.penalties.collinearity import collinearity_gate_local
+
+    rng = np.random.default_rng(5)
+    K, M, p, n_pairs = (4096, 4, 64, 50_000) if args.quick else (32_768, 4, 256, 1_000_000)
+    sizes = np.full(K, M)
+    beta = rng.standard_normal(K * M * p)
+    a, b = rng.integers(0, K, size=(2, int(1.1 * n_pairs) + 1000))  # random candidates, no K² index arrays
+    code = np.unique(np.minimum(a, b) * K + np.maximum(a, b))
+    code = rng.permutation(code[(code // K) != (code % K)])
+    code = np.sort(code[:n_pairs])
+    pairs = dp.PairTable(code // K, code % K, np.ones(code.shape[0]), K)
+    flops = 2.0 * float(np.sum(sizes[pairs.j] * sizes[pairs.k])) * p  # the M_j × M_k products B_j B_kᵀ
+    print(f"\n[5] collinearity_gate: {len(pairs):,} candidate pairs, K = {K}, M = {M}, p_out = {p}, "
+          f"decoder {beta.nbytes / 2**20:.0f} MiB in Zarr, 2 workers × 1 thread")
+    with tempfile.TemporaryDirectory() as tmp, \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        z = zarr.create_array(f"{tmp}/beta.zarr", shape=beta.shape, chunks=(M * p * 1024,), dtype="f8")
+        z[:] = beta
+        dp.collinearity_gate(pairs[:1000], z, sizes, p, client=client)  # compile on the workers
+        tg = time_best(lambda: dp.collinearity_gate(pairs, z, sizes, p, client=client), repeat=1 if args.quick else 3,
+                       warmup=0)
+        got = dp.collinearity_gate(pairs, z, sizes, p, client=client)
+    ref, _ = collinearity_gate_local(pairs, beta, sizes, p)
+    assert np.array_equal(got.j, ref.j) and np.array_equal(got.w, ref.w), "distributed gate differs from in memory"
+    tl = time_best(lambda: collinearity_gate_local(pairs, beta, sizes, p), repeat=1 if args.quick else 3, warmup=0)
+    peak = gemm_peak(1500 if args.quick else 3000, repeat=2 if args.quick else 3)
+    rate = len(pairs) / tg.best
+    rows = [["collinearity_gate, 2 workers (Zarr β)", fmt_ms(tg.best), f"{rate / 1e6:.2f} M/s",
+             f"{flops / tg.best / 1e9:.1f}"],
+            ["collinearity_gate_local, in process", fmt_ms(tl.best), f"{len(pairs) / tl.best / 1e6:.2f} M/s",
+             f"{flops / tl.best / 1e9:.1f}"]]
+    print_table(["path", "time", "pairs/s", "GFLOP/s"], rows)
+    print(f"    float64 GEMM measured now: {peak:.1f} GFLOP/s (all cores); {len(ref):,} pairs kept at low = 0.5; "
+          "equal to the in-memory kernel")
+    summary.append(["collinearity_gate, s per 10⁶ pairs", "10⁶ pairs/s target", 1.0, 1e6 / rate, 1.0])
+
+
 def print_summary(summary):
     rows = []
     for op, peer, tp, td, target in summary:
@@ -476,7 +521,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=10, help="timed runs of the fast implementations (best is kept)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.func comparison")
     ap.add_argument("--no-gamfit", action="store_true", help="skip the gamfit (seed engine) comparison")
-    ap.add_argument("--only", choices=["decoder", "normalized", "dense", "nested", "fused"], action="append",
+    ap.add_argument("--only", choices=["decoder", "normalized", "dense", "nested", "fused", "collinearity"],
+                    action="append",
                     help="run only these sections (repeatable)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -484,7 +530,7 @@ def main(argv=None):
     print(f"distpen penalty benchmarks{' (--quick)' if args.quick else ''}: {machine_line()}")
     summary = []
     sections = {"decoder": bench_decoder, "normalized": bench_normalized, "dense": bench_dense,
-                "nested": bench_nested, "fused": bench_nested_fused}
+                "nested": bench_nested, "fused": bench_nested_fused, "collinearity": bench_collinearity}
     for name, fn in sections.items():
         if args.only is None or name in args.only:
             fn(args, summary)

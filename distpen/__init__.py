@@ -16,8 +16,8 @@ The layers, from the floor up (a module imports only from layers below its own; 
 from . import errors
 from .cluster import connect
 from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats
-from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, evaluate, newton_recorder,
-                        newton_step, save_newton_result)
+from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, collinearity_gate, evaluate,
+                        newton_recorder, newton_step, save_newton_result)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
 from .pairs import PairTable
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty, penalty_from_spec
@@ -67,5 +67,6 @@ __all__ = [
     "NewtonResult",
     "save_newton_result",
     "newton_recorder",
+    "collinearity_gate",
     "RunStore",
 ]

@@ -226,7 +226,7 @@ def decn_grad(t, block_sizes, p_out, pairs, s):
 
 
 def decn_hvp(t, v, block_sizes, p_out, pairs, s):
-    """The exact HVP in the seed engine's form (DESIGN §2.2b), pair by pair."""
+    """The exact HVP in the seed engine's form (docs/design.md), pair by pair."""
     B = ref_blocks(t, block_sizes, p_out)
     V = ref_blocks(v, block_sizes, p_out)
     H = [np.zeros_like(b) for b in B]

@@ -13,12 +13,15 @@
 :mod:`.factored`
     :class:`FactoredMajorizer`, the same majorizer as per-atom blocks plus pairs;
 :mod:`.newton`
-    :func:`newton_step`, preconditioned CG on ``(H_GN + damping·I) x = rhs``.
+    :func:`newton_step`, preconditioned CG on ``(H_GN + damping·I) x = rhs``;
+:mod:`.collinearity`
+    :func:`collinearity_gate`, pair selection by the overlap of decoder blocks.
 
 The math stays in the penalty classes (:mod:`distpen.penalties`): tasks call their methods.
 """
 
 from ._common import OPS
+from .collinearity import collinearity_gate
 from .evaluate import evaluate
 from .factored import FactoredMajorizer
 from .newton import NewtonResult, newton_recorder, newton_step, save_newton_result
@@ -26,4 +29,4 @@ from .plan import DecoderPlan, partition_atoms
 from .tiles import assemble_majorizer
 
 __all__ = ["OPS", "evaluate", "assemble_majorizer", "FactoredMajorizer", "newton_step", "NewtonResult",
-           "newton_recorder", "save_newton_result", "DecoderPlan", "partition_atoms"]
+           "newton_recorder", "save_newton_result", "DecoderPlan", "partition_atoms", "collinearity_gate"]

@@ -1,4 +1,4 @@
-"""Collinearity of decoder blocks: the overlap of each candidate pair and its smoothstep gate (DESIGN §2.2c).
+"""Collinearity of decoder blocks: the overlap of each candidate pair and its smoothstep gate (docs/design.md).
 
 Per pair, with ``G_x = B_xᵀ B_x`` (``p × p``)::
 
@@ -20,7 +20,7 @@ from ..layout import DecoderLayout
 from ..pairs import PairTable
 from . import _decoder_kernels as K
 
-__all__ = ["pair_overlap", "smoothstep_gate", "collinearity_gate_local"]
+__all__ = ["pair_overlap", "smoothstep_gate", "collinearity_gate_local", "check_low"]
 
 
 def _check(pairs, t, layout: DecoderLayout) -> np.ndarray:
@@ -42,7 +42,7 @@ def pair_overlap(pairs: PairTable, t, layout: DecoderLayout) -> np.ndarray:
     pairs : PairTable
         Candidate pairs over ``layout.k_atoms`` atoms.
     t : array of shape (layout.n_coef,)
-        The flat decoder (DESIGN §2.2 layout).
+        The flat decoder (the β layout of docs/design.md).
     layout : DecoderLayout
 
     Returns
@@ -82,7 +82,8 @@ def _overlap(pairs: PairTable, t: np.ndarray, layout: DecoderLayout) -> np.ndarr
     return o
 
 
-def _check_low(low) -> float:
+def check_low(low) -> float:
+    """``low`` as a float in [0, 1), or an error naming it."""
     low = check_finite_scalar(low, "low")
     if not 0.0 <= low < 1.0:
         raise InvalidArgumentError(f"low must lie in [0, 1), got {low!r}; 0.5 keeps pairs overlapping more than half")
@@ -91,7 +92,7 @@ def _check_low(low) -> float:
 
 def smoothstep_gate(o, low: float = 0.5) -> np.ndarray:
     """``g = u²(3 − 2u)`` with ``u = clamp((o − low)/(1 − low), 0, 1)``, elementwise."""
-    low = _check_low(low)
+    low = check_low(low)
     u = np.clip((np.asarray(o, dtype=np.float64) - low) / (1.0 - low), 0.0, 1.0)
     return u * u * (3.0 - 2.0 * u)
 
@@ -130,7 +131,7 @@ def collinearity_gate_local(pairs: PairTable, t, block_sizes, p_out: int, low: f
     >>> kept.j.tolist(), kept.k.tolist(), kept.w.tolist(), o.tolist()
     ([0], [1], [2.0], [1.0, 0.0])
     """
-    low = _check_low(low)
+    low = check_low(low)
     layout = DecoderLayout(block_sizes, p_out)
     t = _check(pairs, t, layout)
     o = _overlap(pairs, t, layout)

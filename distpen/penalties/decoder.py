@@ -234,7 +234,7 @@ class DecoderIncoherencePenalty(Penalty):
 
         ``W_jk = s·w_jk`` for the unnormalised penalty; ``κ_jk = s·w_jk/(N_j N_k)`` from the current
         norms with ``normalize="frobenius"`` (0 for a pair with a zero block). The Gauss-Newton
-        matrix is the unnormalised one of DESIGN §2.2 with these weights, and
+        matrix is the unnormalised one of docs/design.md with these weights, and
         ``weighted_grams``' ``S_a = Σ_b κ_ab B_bᵀ B_b``.
         """
         t = self._check_target(t)

@@ -1,4 +1,4 @@
-"""Collinearity overlap and gate (DESIGN §2.2c) against a plain numpy reference with p × p Grams."""
+"""Collinearity overlap and gate (docs/design.md) against a plain numpy reference with p × p Grams."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DecoderIncoherencePenalty with ``normalize="frobenius"`` (DESIGN §2.2b): properties, references,
+"""DecoderIncoherencePenalty with ``normalize="frobenius"`` (docs/design.md): properties, references,
 Gauss-Newton majorizer, zero blocks, specs and the owner-computes split."""
 
 from __future__ import annotations
@@ -373,7 +373,7 @@ def test_evaluate_owned_over_a_split_equals_the_full_call(pb, data):
 def test_restricted_parts_equal_the_full_call(n_parts):
     """What a worker does with a Zarr ``t``: a local penalty over the atoms its pairs touch, fed only
     those atoms' blocks (the distributed layer's parts), reproduces the in-memory results."""
-    from distpen.assembly import DecoderPlan
+    from distpen.curvature.plan import DecoderPlan
 
     rng = np.random.default_rng(7)
     K, p = 23, 4
@@ -414,7 +414,9 @@ def test_restricted_parts_equal_the_full_call(n_parts):
 def test_distributed_evaluate_assemble_and_factored(client, tmp_path):
     import zarr
 
-    from distpen.assembly import FactoredMajorizer, assemble_majorizer, evaluate
+    from distpen.curvature.factored import FactoredMajorizer
+    from distpen.curvature.tiles import assemble_majorizer
+    from distpen.curvature.evaluate import evaluate
 
     rng = np.random.default_rng(11)
     K, p = 30, 4

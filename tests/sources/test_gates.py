@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 
 import distpen as dp
-from distpen.errors import (
-    InvalidArgumentError,
-    InvalidDtypeError,
-    ShapeMismatchError,
-    StoreConflictError,
-    StoreCorruptError,
-)
+from distpen.errors import (InvalidArgumentError, InvalidDtypeError, ShapeMismatchError,
+                            StoreConflictError, StoreCorruptError)
 
 
 # --------------------------------------------------------------------------- validation
