@@ -41,6 +41,25 @@ def test_evaluate_command_writes_results(client, tmp_path, problem, capsys):
     assert dp.RunStore(out).manifest("evaluate")["status"] == "done"
 
 
+def test_evaluate_command_takes_a_normalised_penalty_spec(client, tmp_path, problem, capsys):
+    """The penalty JSON carries ``normalize``: the command evaluates the degree-0 form."""
+    _, beta, _, pairs, t = problem
+    bs, table, _ = synthetic_decoder_problem(30, 4, 80, max_block=3, seed=1)
+    pen = dp.DecoderIncoherencePenalty.from_pairs(table, bs, 4, 2.0, normalize="frobenius")
+    spec = tmp_path / "normalised.json"
+    spec.write_text(json.dumps(pen.to_spec()))
+    assert json.loads(spec.read_text())["normalize"] == "frobenius"
+    out = str(tmp_path / "run-n")
+    assert main(["evaluate", "--penalty", str(spec), "--pairs", pairs, "--t", t, "--ops", "value,grad",
+                 "--out", out, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["value"] == pytest.approx(pen.value(beta, np.zeros(0)), rel=1e-12)
+    plain = dp.DecoderIncoherencePenalty.from_pairs(table, bs, 4, 2.0)
+    assert printed["value"] != pytest.approx(plain.value(beta, np.zeros(0)), rel=1e-3)
+    np.testing.assert_allclose(zarr.open_array(os.path.join(out, "grad"))[...], pen.grad_target(beta, np.zeros(0)),
+                               rtol=0, atol=1e-12)
+
+
 def test_assemble_and_newton_commands(client, tmp_path, problem, capsys):
     pen, beta, spec, pairs, t = problem
     out = str(tmp_path / "run")
