@@ -26,8 +26,9 @@ from ._vectors import VectorSource, as_vector_source
 
 __all__ = ["collinearity_gate", "DEFAULT_CHUNK_PAIRS"]
 
-#: candidate pairs per task when the caller gives no ``chunk_pairs``
-DEFAULT_CHUNK_PAIRS = 1 << 18
+#: candidate pairs per task when the caller gives no ``chunk_pairs``: random candidates touch most of
+#: the decoder, so every task reads nearly all of it; fewer, larger tasks read it fewer times
+DEFAULT_CHUNK_PAIRS = 1 << 20
 
 
 def _gate_chunk(j: np.ndarray, k: np.ndarray, t_src: VectorSource, t_payload, block_sizes: np.ndarray,
@@ -76,7 +77,7 @@ def collinearity_gate(pairs: PairTable, t, block_sizes, p_out: int, *, low: floa
         Also write the kept pairs there (:meth:`PairTable.save`) with the arrays ``candidate_j``,
         ``candidate_k`` and ``overlap`` of every candidate, for plotting.
     chunk_pairs : int, optional
-        Candidate pairs per task (default :data:`DEFAULT_CHUNK_PAIRS`, at least two tasks per worker).
+        Candidate pairs per task (default :data:`DEFAULT_CHUNK_PAIRS`, at least one task per worker).
     return_overlap : bool
         Return ``(kept, overlap)`` instead of ``kept``.
     client : distributed.Client, optional
@@ -112,7 +113,7 @@ def collinearity_gate(pairs: PairTable, t, block_sizes, p_out: int, *, low: floa
         kept, overlap = PairTable([], [], [], pairs.k_atoms), np.zeros(0)
     else:
         threads = threads_per_task(client)
-        n_chunks = min(n, max(math.ceil(n / cp), 2 * n_workers(client)))
+        n_chunks = min(n, max(math.ceil(n / cp), n_workers(client)))  # each task reads its blocks once
         bounds = np.linspace(0, n, n_chunks + 1).astype(np.int64)
         sizes = lay.block_sizes
         futs = [client.submit(_gate_chunk, pairs.j[a:b], pairs.k[a:b], t_src.meta(), t_src.task_payload(),

@@ -37,23 +37,87 @@ class NewtonResult:
     seconds: float = 0.0
 
 
-def _precond_part(r, pen, t, rho, precond: str, damping: float, threads: int):
-    """Worker task: the preconditioner of a range's atoms — ``1/(diag + δ)`` or ``(S_a + δI)⁻¹``."""
+def _precond_part(r, pen, t, rho, precond: str, damping: float, threads: int, extra_diag=None):
+    """Worker task: the preconditioner of a range's atoms — ``1/(diag + δ)`` or ``(S_a + δI)⁻¹``,
+    with the diagonal of a user's extra curvature added when it is known."""
     with kernel_threads(threads):
         if precond == "jacobi":
             d = pen._rows("psd_majorizer_diag", t, rho, None, r.lo, r.hi)
+            if extra_diag is not None:
+                d += extra_diag[r.c0:r.c1]
             return r.index, 1.0 / (d + damping)
         S = pen._weighted_grams(t, rho, np.arange(r.lo, r.hi))
         S += damping * np.eye(S.shape[1])[None, :, :]
+        if extra_diag is not None:  # I ⊗ (S_a + diag(d̄_a)): the mean over the atom's rows keeps the form
+            lay, p = pen.layout, pen.p_out
+            for i, a in enumerate(range(r.lo, r.hi)):
+                block = extra_diag[lay.offsets[a]:lay.offsets[a + 1]].reshape(-1, p)
+                S[i][np.diag_indices(p)] += block.mean(axis=0)
         return r.index, np.linalg.inv(S)  # batched: (I ⊗ (S_a + δI))⁻¹ = I ⊗ (S_a + δI)⁻¹
 
 
-def _matvec_part(r, pen, t, x, rho, damping: float, threads: int):
-    """Worker task: the range's rows of ``(H_GN + δI) x`` (penalty, ``t`` and ``x`` are on the worker)."""
+def _matvec_part(r, pen, t, x, rho, damping: float, threads: int, extra=None):
+    """Worker task: the range's rows of ``(H_GN + δI + E) x`` (penalty, ``t`` and ``x`` are on the
+    worker); ``extra`` is ``("diag", d)`` or ``("rows", fn)`` (see :func:`_check_extra`)."""
     with kernel_threads(threads):
         y = pen._rows("psd_majorizer_hvp", t, rho, x, r.lo, r.hi)
-    y += damping * x[r.c0:r.c1]
+        y += damping * x[r.c0:r.c1]
+        if extra is not None:
+            kind, op = extra
+            if kind == "diag":
+                y += op[r.c0:r.c1] * x[r.c0:r.c1]
+            else:
+                rows = np.asarray(op(x, r.c0, r.c1), dtype=np.float64)
+                if rows.shape != (r.c1 - r.c0,):
+                    raise InvalidArgumentError(
+                        f"extra(x, {r.c0}, {r.c1}) returned shape {rows.shape}; expected ({r.c1 - r.c0},), the "
+                        "rows [c0, c1) of E·x")
+                y += rows
     return r.index, y
+
+
+def _check_extra(extra, n: int, t, client):
+    """Normalise ``newton_step``'s ``extra``: ``(kind, operator, diagonal or None)``.
+
+    kinds: ``"diag"`` (a non-negative vector of length ``n``), ``"rows"`` (a callable
+    ``fn(x, c0, c1)`` returning rows ``[c0, c1)`` of ``E·x``, run on the workers), ``"penalty"``
+    (``(penalty, rho)`` or a penalty: its Gauss-Newton product at the same ``t``).
+    """
+    from ..penalties import Penalty
+
+    if extra is None:
+        return None, None, None
+    if isinstance(extra, tuple) and len(extra) == 2 and isinstance(extra[0], Penalty):
+        pen2, rho2 = extra
+    elif isinstance(extra, Penalty):
+        pen2, rho2 = extra, np.zeros(extra.rho_count)
+    else:
+        pen2 = None
+    if pen2 is not None:
+        check_penalty(pen2)
+        rho2 = pen2._check_rho(rho2)
+        n2 = pen2.n_coef if hasattr(pen2, "n_coef") else None
+        if n2 is not None and n2 != n:
+            raise InvalidArgumentError(
+                f"extra penalty acts on {n2} coefficients but t has {n}; pass a penalty over the same vector")
+        diag = np.asarray(evaluate(pen2, t, rho2, ops=("psd_majorizer_diag",))["psd_majorizer_diag"],
+                          dtype=np.float64).ravel()
+        if diag.shape[0] != n:
+            raise InvalidArgumentError(
+                f"extra penalty acts on {diag.shape[0]} coefficients but t has {n}; pass a penalty over the same vector")
+        return "penalty", (pen2, rho2), diag
+    if callable(extra):
+        return "rows", extra, None
+    try:
+        d = check_vector(extra, "extra", length=n, what="the length of t (a diagonal)")
+    except (InvalidArgumentError, TypeError, ValueError) as exc:
+        raise InvalidArgumentError(
+            f"extra must be a diagonal (array of length {n}), a penalty or (penalty, rho), or a callable "
+            f"fn(x, c0, c1) -> rows [c0, c1) of E·x; got {type(extra).__name__}: {exc}") from None
+    if (d < 0).any():
+        i = int(np.flatnonzero(d < 0)[0])
+        raise InvalidArgumentError(f"extra must be a non-negative diagonal (a PSD operator), but extra[{i}] = {float(d[i])!r}")
+    return "diag", d, d
 
 
 def _apply_precond_part(r, pen, pre, z):
@@ -64,8 +128,8 @@ def _apply_precond_part(r, pen, pre, z):
 
 
 def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxiter: int = 200,
-                precond: str = "block", n_tasks: int | None = None, callback=None) -> NewtonResult:
-    """Solve ``(H_GN + damping·I) x = rhs`` by matrix-free preconditioned conjugate gradients.
+                precond: str = "block", n_tasks: int | None = None, callback=None, extra=None) -> NewtonResult:
+    """Solve ``(H_GN + damping·I + E) x = rhs`` by matrix-free preconditioned conjugate gradients.
 
     Products with ``H_GN`` run on the cluster over owner-computes parts whose decoder rows stay in
     worker memory across iterations; vectors live on the client.
@@ -85,6 +149,17 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
         Identity, the closed-form diagonal, or one ``p × p`` inverse per atom, ``(S_a + δI)⁻¹``.
     callback : callable, optional
         Called as ``callback(iteration, relative_residual)``.
+    extra : optional
+        A user's own curvature ``E`` (symmetric PSD, e.g. a data-fit term's) added to the system:
+
+        * an array of shape (n,): a non-negative diagonal;
+        * a penalty, or ``(penalty, rho)``, over the same ``t``: its Gauss-Newton product;
+        * a callable ``fn(x, c0, c1) -> array of shape (c1 - c0,)``: rows ``[c0, c1)`` of ``E·x``
+          for the full vector ``x``; it runs on the workers (it must pickle), once per owner range
+          and iteration, and must not depend on anything but its arguments.
+
+        Jacobi adds ``E``'s diagonal when it is known (a diagonal or a penalty); the block
+        preconditioner adds, per atom, the mean of that diagonal over the atom's rows.
 
     Returns
     -------
@@ -104,7 +179,11 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     t0 = time.perf_counter()
     check_penalty(penalty)
     if isinstance(penalty, NestedPrefixPenalty):
-        return _newton_nested(penalty, t, rho, rhs, damping, precond, t0)
+        if extra is not None and (callable(extra) or not hasattr(extra, "__len__") or isinstance(extra, tuple)):
+            raise InvalidArgumentError(
+                "extra with a NestedPrefixPenalty must be a diagonal (array of length n): its system is "
+                f"diagonal and solved exactly; got {type(extra).__name__}")
+        return _newton_nested(penalty, t, rho, rhs, damping, precond, t0, extra)
     pen = penalty
     rho = pen._check_rho(rho)
     n = pen.n_coef
@@ -113,6 +192,7 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     if t_np is None:  # Zarr or dask: PCG keeps n-vectors on the client anyway
         t_np = check_vector(t_src.read_all(), "t", length=n)
     client = _client()
+    kind, extra_op, extra_diag = _check_extra(extra, n, t, client)
     threads = threads_per_task(client)
     n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
     ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
@@ -120,8 +200,9 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     pen_f = BROADCASTS.penalty(client, pen)
     t_f = BROADCASTS.array(client, "t", t_np)
     pre_f = []
+    diag_f = None if extra_diag is None or precond == "none" else client.scatter(extra_diag, broadcast=True)
     if precond != "none":
-        pre_f = [client.submit(_precond_part, r, pen_f, t_f, rho, precond, damping, threads, pure=False)
+        pre_f = [client.submit(_precond_part, r, pen_f, t_f, rho, precond, damping, threads, diag_f, pure=False)
                  for r in ranges]
     # the preconditioner is applied on the client when it is small enough (one round trip per
     # iteration instead of two); otherwise by the workers that hold it
@@ -143,10 +224,21 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
             out[ranges[idx].c0:ranges[idx].c1] = val
         return out
 
+    worker_extra = None
+    if kind == "diag":
+        worker_extra = ("diag", client.scatter(extra_op, broadcast=True))
+    elif kind == "rows":
+        worker_extra = ("rows", extra_op)
+
     def matvec(x):
         xf = client.scatter(x, broadcast=True, hash=False)
-        return assemble([client.submit(_matvec_part, r, pen_f, t_f, xf, rho, damping, threads, pure=False)
-                         for r in ranges])
+        y = assemble([client.submit(_matvec_part, r, pen_f, t_f, xf, rho, damping, threads, worker_extra,
+                                    pure=False) for r in ranges])
+        if kind == "penalty":
+            pen2, rho2 = extra_op
+            y += np.asarray(evaluate(pen2, t, rho2, ops=("psd_majorizer_hvp",), v=x)
+                            ["psd_majorizer_hvp"], dtype=np.float64).ravel()
+        return y
 
     def apply_m(r):
         if precond == "none":
@@ -159,7 +251,8 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     try:
         return _pcg(matvec, apply_m, b, tol, maxiter, precond, callback, t0)
     finally:
-        client.cancel([pen_f, t_f, *pre_f])
+        client.cancel([pen_f, t_f, *pre_f, *([diag_f] if diag_f is not None else []),
+                       *([worker_extra[1]] if kind == "diag" else [])])
 
 
 def _pcg(matvec, apply_m, b, tol, maxiter, precond, callback, t0) -> NewtonResult:
@@ -196,10 +289,12 @@ def _pcg(matvec, apply_m, b, tol, maxiter, precond, callback, t0) -> NewtonResul
     return NewtonResult(x, residuals, it, converged, precond, time.perf_counter() - t0)
 
 
-def _newton_nested(pen, t, rho, rhs, damping, precond, t0) -> NewtonResult:
+def _newton_nested(pen, t, rho, rhs, damping, precond, t0, extra=None) -> NewtonResult:
     """The nested majorizer is diagonal: one distributed diagonal, one exact division."""
     res = evaluate(pen, t, rho, ops=("hessian_diag",))
     d = np.asarray(res["hessian_diag"], dtype=np.float64).ravel()
+    if extra is not None:
+        d = d + _check_extra(extra, d.shape[0], t, None)[1]
     b = check_vector(rhs, "rhs", length=d.shape[0], what="the same length as t")
     x = b / (d + damping)
     bnorm = float(np.linalg.norm(b))
