@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..coactivation.stats import MEASURES
 from ._common import Bar, add_common_arguments, client_for, dispatch, positive_int
 
 __all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_status", "main_for_tests"]
@@ -132,7 +133,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output PairTable Zarr group")
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--top-m", type=positive_int, default=None)
-    p.add_argument("--measure", default="mean", choices=("mean", "count", "jaccard", "cosine", "lift"))
+    p.add_argument("--measure", default="mean", choices=MEASURES,
+                   help="pair weight: mean (the penalty's), count, jaccard, cosine, lift, npmi, phi, pearson, dice")
     p.add_argument("--min-count", type=int, default=0)
     add_common_arguments(p)
     p.set_defaults(func=run_pairs)

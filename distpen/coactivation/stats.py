@@ -23,7 +23,8 @@ __all__ = ["MEASURES", "Tile", "CoactivationStats", "open_stats"]
 
 
 MAX_DENSE_K = 16384
-MEASURES = ("mean", "count", "jaccard", "cosine", "lift")
+#: the measures :meth:`CoactivationStats.pairs` derives from the stored sums (no pass over the tokens)
+MEASURES = ("mean", "count", "jaccard", "cosine", "lift", "npmi", "phi", "pearson", "dice")
 
 Tile = namedtuple("Tile", ["rows", "cols", "pair_sum", "pair_count"])
 Tile.__doc__ = """One block of the symmetric statistics: atom ``rows`` × atom ``cols`` (slices) and
@@ -211,11 +212,18 @@ class CoactivationStats:
         top_m : int, optional
             Keep a pair only if it is among the ``m`` strongest partners of *either* of its atoms
             (among the pairs passing ``threshold`` and ``min_count``; ties at the m-th value are kept).
-        measure : {"mean", "count", "jaccard", "cosine", "lift"}
-            ``mean = pair_sum/n_tokens`` (what ``DecoderIncoherencePenalty.from_pairs`` consumes);
-            ``count = pair_count``; ``jaccard = pair_count/(fire_j + fire_k − pair_count)``;
-            ``cosine = pair_sum/sqrt(gate_sq_sum_j·gate_sq_sum_k)``;
-            ``lift = pair_count·n_tokens/(fire_j·fire_k)``. A pair whose denominator is 0 is absent.
+        measure : {"mean", "count", "jaccard", "cosine", "lift", "npmi", "phi", "pearson", "dice"}
+            With ``N = n_tokens``, ``f = fire_count``, ``c = pair_count``, ``s = gate_sum``,
+            ``q = gate_sq_sum``, ``S = pair_sum``:
+            ``mean = S/N`` (what ``DecoderIncoherencePenalty.from_pairs`` consumes); ``count = c``;
+            ``jaccard = c/(f_j + f_k − c)``; ``cosine = S/sqrt(q_j·q_k)``; ``lift = c·N/(f_j·f_k)``;
+            ``npmi = log(c·N/(f_j·f_k)) / −log(c/N)`` (normalised pointwise mutual information of
+            firing, in [−1, 1]); ``phi = (c/N − p_j p_k)/sqrt(p_j(1−p_j) p_k(1−p_k))`` with
+            ``p = f/N`` (the correlation of the firing indicators); ``pearson = (S/N − μ_j μ_k)/(σ_j σ_k)``
+            with ``μ = s/N``, ``σ² = q/N − μ²`` (the correlation of the gate values);
+            ``dice = 2c/(f_j + f_k)``. A pair whose measure is undefined (a zero denominator;
+            ``c = 0`` or ``c = N`` for npmi) is absent. Pair weights are positive, so a correlation
+            at or below ``threshold`` (≥ 0) is absent too: the table holds positive associations.
         min_count : int ≥ 0
             Keep pairs that co-fire on at least this many tokens.
         out : path, optional
@@ -298,11 +306,36 @@ class CoactivationStats:
                 den = np.sqrt(q[t.rows][:, None] * q[t.cols][None, :])
                 ok = den > 0
                 M = np.where(ok, ps / np.where(ok, den, 1.0), 0.0)
-            else:  # lift
+            elif measure == "lift":
                 f = self.fire_count.astype(np.float64)
                 den = f[t.rows][:, None] * f[t.cols][None, :]
                 ok = den > 0
                 M = np.where(ok, pc * n / np.where(ok, den, 1.0), 0.0)
+            elif measure == "dice":
+                f = self.fire_count.astype(np.float64)
+                den = f[t.rows][:, None] + f[t.cols][None, :]
+                ok = den > 0
+                M = np.where(ok, 2.0 * pc / np.where(ok, den, 1.0), 0.0)
+            elif measure == "npmi":  # log(p_jk / (p_j p_k)) / −log p_jk on firing probabilities
+                pr = self.fire_count.astype(np.float64) / n
+                pjk = pc / n
+                ok = (pc > 0) & (pc < n)  # c = 0: log 0; c = N: −log 1 = 0
+                safe = np.where(ok, pjk, 0.5)
+                M = np.where(ok, np.log(safe / (pr[t.rows][:, None] * pr[t.cols][None, :]))
+                             / -np.log(safe), 0.0)
+            elif measure == "phi":  # correlation of the firing indicators
+                pr = self.fire_count.astype(np.float64) / n
+                var = pr * (1.0 - pr)
+                den = np.sqrt(var[t.rows][:, None] * var[t.cols][None, :])
+                ok = den > 0
+                M = np.where(ok, (pc / n - pr[t.rows][:, None] * pr[t.cols][None, :]) / np.where(ok, den, 1.0), 0.0)
+            else:  # pearson: correlation of the gate values
+                mu = self.gate_sum / n
+                var = np.maximum(self.gate_sq_sum / n - mu * mu, 0.0)
+                den = np.sqrt(var[t.rows][:, None] * var[t.cols][None, :])
+                ok = den > 0
+                cov = ps / n - mu[t.rows][:, None] * mu[t.cols][None, :]
+                M = np.where(ok, cov / np.where(ok, den, 1.0), 0.0)
         ok &= (M > threshold) & (pc >= min_count)
         if I == J:
             np.fill_diagonal(ok, False)

@@ -233,6 +233,10 @@ def _pair_weight_values(stats, measures, max_tiles: int) -> tuple[dict, int]:
     return {m: (np.concatenate(v) if v else np.zeros(0)) for m, v in vals.items()}, len(tiles)
 
 
+#: the measures plot_pair_weights shows unless told otherwise (one panel each)
+_DEFAULT_MEASURES = ("mean", "count", "jaccard", "cosine", "lift")
+
+
 def plot_pair_weights(store, measures=None, *, max_tiles: int = 16, bins: int = 40, fig=None):
     """Histograms of the pair weights ``w_jk`` under each measure (log scale), one panel per measure.
 
@@ -243,7 +247,8 @@ def plot_pair_weights(store, measures=None, *, max_tiles: int = 16, bins: int = 
     ----------
     store : str, os.PathLike, RunStore or CoactivationStats
     measures : sequence of str, optional
-        Default: all of ``("mean", "count", "jaccard", "cosine", "lift")``.
+        Any of :data:`distpen.coactivation.MEASURES`. Default: ``("mean", "count", "jaccard",
+        "cosine", "lift")``.
     max_tiles : int
     bins : int
     fig : matplotlib.figure.Figure, optional
@@ -260,7 +265,7 @@ def plot_pair_weights(store, measures=None, *, max_tiles: int = 16, bins: int = 
     """
     from ..coactivation.stats import MEASURES
 
-    measures = tuple(MEASURES if measures is None else ([measures] if isinstance(measures, str) else measures))
+    measures = tuple(_DEFAULT_MEASURES if measures is None else ([measures] if isinstance(measures, str) else measures))
     bad = [m for m in measures if m not in MEASURES]
     if bad or not measures:
         raise InvalidArgumentError(f"measures must be a non-empty subset of {MEASURES}, got {measures!r}")

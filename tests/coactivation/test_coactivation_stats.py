@@ -221,9 +221,20 @@ def numpy_measure(G, measure):
         elif measure == "cosine":
             den = np.sqrt(q[:, None] * q[None, :])
             M = ps / den
-        else:
+        elif measure == "lift":
             den = f[:, None] * f[None, :]
             M = pc * N / den
+        elif measure == "dice":
+            den = f[:, None] + f[None, :]
+            M = 2 * pc / den
+        elif measure == "npmi":
+            den = np.where((pc > 0) & (pc < N), 1.0, 0.0)
+            M = np.log(pc * N / (f[:, None] * f[None, :])) / -np.log(pc / N)
+        else:  # the correlations, straight from the dense data
+            X = (G > 0).astype(float) if measure == "phi" else G.astype(float)
+            sd = X.std(axis=0)
+            den = sd[:, None] * sd[None, :]
+            M = ((X - X.mean(axis=0)).T @ (X - X.mean(axis=0)) / N) / den
     return M, den > 0
 
 
@@ -236,7 +247,7 @@ def measured(tmp_path_factory, dask_client):
     return G, dp.coactivation_stats(G, path, row_chunk=64, tile=7)
 
 
-@pytest.mark.parametrize("measure", ["mean", "count", "jaccard", "cosine", "lift"])
+@pytest.mark.parametrize("measure", ["mean", "count", "jaccard", "cosine", "lift", "npmi", "phi", "pearson", "dice"])
 @pytest.mark.parametrize("threshold, min_count", [(0.0, 0), (0.02, 5)])
 def test_every_measure_matches_numpy_formula(client, measured, measure, threshold, min_count):
     G, st = measured
@@ -248,8 +259,12 @@ def test_every_measure_matches_numpy_formula(client, measured, measure, threshol
     assert pt.k_atoms == G.shape[1]
     np.testing.assert_array_equal(pt.j, jj[keep])
     np.testing.assert_array_equal(pt.k, kk[keep])
-    np.testing.assert_allclose(pt.w, M[jj, kk][keep], rtol=1e-12)
+    # correlations come from sums (S/N − μ_j μ_k): near 0 they lose digits to cancellation, not more
+    atol = 1e-12 if measure in ("npmi", "phi", "pearson") else 0.0
+    np.testing.assert_allclose(pt.w, M[jj, kk][keep], rtol=1e-12, atol=atol)
     assert not np.isin(3, pt.j) and not np.isin(3, pt.k)          # silent atom: no pair, no division by 0
+    if measure in ("phi", "pearson"):                               # always-on atom: no variance, no pair
+        assert not np.isin(0, pt.j)
     assert np.isfinite(pt.w).all() and (pt.w > 0).all()
 
 
