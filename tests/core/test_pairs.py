@@ -351,3 +351,47 @@ def test_open_validates_contents(tmp_path):
     g["w"][1] = -1.0
     with pytest.raises(PairTableError, match=r"pair 1 = \(1, 2\) has weight .*-1\.0"):
         dp.PairTable.open(tmp_path / "p.zarr")
+
+
+# --------------------------------------------------------------------------- Parquet and networkx
+def test_parquet_round_trip_is_exact_and_readable_by_pyarrow(tmp_path):
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(4)
+    pt = dp.PairTable.from_dense(random_coactivation(rng, 30, 0.3))
+    path = tmp_path / "pairs.parquet"
+    pt.to_parquet(path, measure="jaccard")
+    assert dp.PairTable.from_parquet(path) == pt
+    table = pq.read_table(path)
+    assert table.column_names == ["j", "k", "w", "jaccard"]
+    assert str(table.schema.field("j").type) == "int64" and str(table.schema.field("w").type) == "double"
+    np.testing.assert_array_equal(table.column("jaccard").to_numpy(), pt.w)
+    # another tool's file: rows in any order, the weight under another name, k_atoms passed
+    import pyarrow as pa
+
+    perm = rng.permutation(len(pt))
+    pq.write_table(pa.table({"j": pt.j[perm], "k": pt.k[perm], "score": pt.w[perm]}), tmp_path / "other.parquet")
+    assert dp.PairTable.from_parquet(tmp_path / "other.parquet", k_atoms=30, weight="score") == pt
+
+
+def test_parquet_errors_name_the_file_and_what_is_missing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"j": [0], "k": [1]}), tmp_path / "nok.parquet")
+    with pytest.raises(InvalidArgumentError, match=r"nok.parquet.* missing \['w'\]"):
+        dp.PairTable.from_parquet(tmp_path / "nok.parquet", k_atoms=2)
+    pq.write_table(pa.table({"j": [0], "k": [1], "w": [1.0]}), tmp_path / "noatoms.parquet")
+    with pytest.raises(InvalidArgumentError, match="does not record k_atoms.*pass k_atoms="):
+        dp.PairTable.from_parquet(tmp_path / "noatoms.parquet")
+    with pytest.raises(InvalidArgumentError, match="cannot read pairs from Parquet file"):
+        dp.PairTable.from_parquet(tmp_path / "absent.parquet", k_atoms=2)
+    with pytest.raises(InvalidArgumentError, match="measure must be a column name other than j, k and w"):
+        dp.PairTable([0], [1], [1.0], 2).to_parquet(tmp_path / "x.parquet", measure="w")
+
+
+def test_to_networkx_has_every_atom_and_weighted_edges():
+    pt = dp.PairTable([0, 1], [2, 2], [0.5, 2.0], 4)
+    g = pt.to_networkx()
+    assert sorted(g.nodes) == [0, 1, 2, 3]
+    assert g[0][2]["weight"] == 0.5 and g[2][1]["weight"] == 2.0 and g.number_of_edges() == 2
