@@ -1,4 +1,4 @@
-"""``distpen synth | coactivation | pairs | status``: the statistics subcommands of the CLI.
+"""``distpen synth | coactivation | pairs | neighbours | status``: the statistics subcommands of the CLI.
 
 :func:`register` adds them to the ``distpen`` parser; each ``run_*`` function takes the parsed
 arguments and returns an exit status, so it can be called (and tested) on its own. Bad input raises
@@ -14,7 +14,7 @@ import json
 from ..coactivation.stats import MEASURES
 from ._common import Bar, add_common_arguments, client_for, dispatch, positive_int
 
-__all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_status", "main_for_tests"]
+__all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_neighbours", "run_status", "main_for_tests"]
 
 
 def run_synth(args) -> int:
@@ -76,6 +76,19 @@ def run_pairs(args) -> int:
     return 0
 
 
+def run_neighbours(args) -> int:
+    from ..coactivation.stats import open_stats
+
+    st = open_stats(args.stats)
+    client = client_for(args)
+    lists = st.neighbours(measure=args.measure, top_m=args.top_m, out=args.out, client=client)
+    if not args.quiet:
+        n = sum(1 for v in lists.values() if v)
+        print(f"wrote the {args.top_m} strongest {args.measure} partners of {n} of {st.k_atoms} latents "
+              f"(delphi's neighbour JSON) to {args.out}")
+    return 0
+
+
 def run_status(args) -> int:
     import os
 
@@ -101,7 +114,7 @@ def run_status(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``synth``, ``coactivation``, ``pairs`` and ``status`` to an argparse subparsers object."""
+    """Add ``synth``, ``coactivation``, ``pairs``, ``neighbours`` and ``status`` to an argparse subparsers object."""
     p = subparsers.add_parser("synth", help="write synthetic gates (dense or top-k) to a Zarr group")
     p.add_argument("out", help="output Zarr group")
     p.add_argument("--tokens", type=positive_int, required=True, help="number of tokens N")
@@ -138,6 +151,14 @@ def register(subparsers) -> None:
     p.add_argument("--min-count", type=int, default=0)
     add_common_arguments(p)
     p.set_defaults(func=run_pairs)
+
+    p = subparsers.add_parser("neighbours", help="every latent's strongest partners, as delphi's neighbour JSON")
+    p.add_argument("stats", help="statistics store (from `distpen coactivation`)")
+    p.add_argument("--out", required=True, help="JSON file, e.g. neighbours/<hookpoint>-co-occurrence.json")
+    p.add_argument("--measure", default="jaccard", choices=MEASURES)
+    p.add_argument("--top-m", type=positive_int, default=250, help="partners per latent (delphi's default: 250)")
+    add_common_arguments(p)
+    p.set_defaults(func=run_neighbours)
 
     p = subparsers.add_parser("status", help="progress and completeness of a run store")
     p.add_argument("store", help="run store path or fsspec URL")

@@ -284,6 +284,25 @@ class CoactivationStats:
         return table
 
     # ------------------------------------------------------------------ measure on one tile
+    def neighbours(self, measure: str = "jaccard", top_m: int = 250, out=None, *, client=None) -> dict:
+        """Every latent's ``top_m`` strongest partners under ``measure``: ``{latent: [(score, partner), …]}``.
+
+        Strongest first, ties broken by the lower partner index; a latent that never fires has an
+        empty list. With ``out``, also writes delphi's co-occurrence neighbour JSON there
+        (``{"<latent>": [[score, neighbour], …]}``, standard JSON); see
+        :mod:`distpen.coactivation.neighbours`.
+
+        Examples
+        --------
+        >>> st.neighbours(top_m=250, out="neighbours/layers.6-co-occurrence.json")   # doctest: +SKIP
+        """
+        from .neighbours import neighbour_lists, write_delphi_neighbours
+
+        lists = neighbour_lists(self, measure, top_m, client=client)
+        if out is not None:
+            write_delphi_neighbours(lists, out)
+        return lists
+
     def _tile_measure(self, I, J, measure, threshold, min_count):
         """(values, eligible) of shape (n_I, n_J) for the tile; eligible excludes a == b."""
         t = self.tile(I, J)

@@ -38,6 +38,12 @@ def test_pipeline_with_progress_bars(addr, tmp_path, capsys):
     assert "pairs (lift) over 96 atoms" in capsys.readouterr().out
     table = dp.PairTable.open(pt)
     assert table == dp.open_stats(st).pairs(measure="lift", top_m=3)
+    nb = str(tmp_path / "layer-co-occurrence.json")
+    assert main(["neighbours", st, "--out", nb, "--top-m", "5", "--measure", "npmi", "--scheduler", addr]) == 0
+    assert "strongest npmi partners" in capsys.readouterr().out
+    doc = json.loads(open(nb).read())
+    want = dp.open_stats(st).neighbours(measure="npmi", top_m=5)
+    assert doc == {str(a): [[s, p] for s, p in v] for a, v in want.items()}
     assert main(["status", st, "--verify"]) == 0
     out = capsys.readouterr().out
     assert "coactivation  done" in out and "6/6" in out and "verify coactivation: ok" in out

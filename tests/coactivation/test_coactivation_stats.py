@@ -684,3 +684,26 @@ def test_topk_chunk_cache_holds_validated_chunks_within_budget(tmp_path):
     finally:
         assert tasks._release_buffers() >= 0
     assert not tasks._CHUNKS and tasks._CHUNKS_USED[0] == 0
+
+
+# --------------------------------------------------------------------------- delphi neighbour lists
+def test_neighbours_match_a_dense_jaccard_top_m_and_write_delphi_json(client, measured, tmp_path):
+    import json
+
+    G, st = measured
+    M, ok = numpy_measure(G, "jaccard")
+    K = G.shape[1]
+    lists = st.neighbours(measure="jaccard", top_m=4, out=tmp_path / "layer-co-occurrence.json")
+    for a in range(K):
+        cand = [(M[a, b], b) for b in range(K) if b != a and ok[a, b] and M[a, b] > 0]
+        cand.sort(key=lambda x: (-x[0], x[1]))
+        got = lists[a]
+        assert [p for _, p in got] == [b for _, b in cand[:4]], a
+        np.testing.assert_allclose([s for s, _ in got], [s for s, _ in cand[:4]], rtol=1e-12)
+    assert lists[3] == [] and lists[K - 1] == []          # never fire: empty lists, not NaN
+    text = (tmp_path / "layer-co-occurrence.json").read_text()
+    assert "NaN" not in text
+    doc = json.loads(text)
+    assert sorted(doc, key=int) == [str(a) for a in range(K)]
+    score, nbr = doc["1"][0]                               # score first, as delphi's loader reads it
+    assert isinstance(score, float) and isinstance(nbr, int) and nbr == lists[1][0][1]
