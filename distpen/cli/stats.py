@@ -1,4 +1,4 @@
-"""``distpen synth | coactivation | pairs | neighbours | status``: the statistics subcommands of the CLI.
+"""``distpen synth | coactivation | pairs | neighbours | clusters | status``: the statistics subcommands of the CLI.
 
 :func:`register` adds them to the ``distpen`` parser; each ``run_*`` function takes the parsed
 arguments and returns an exit status, so it can be called (and tested) on its own. Bad input raises
@@ -14,7 +14,7 @@ import json
 from ..coactivation.stats import MEASURES
 from ._common import Bar, add_common_arguments, client_for, dispatch, positive_int
 
-__all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_neighbours", "run_status", "main_for_tests"]
+__all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_neighbours", "run_clusters", "run_status", "main_for_tests"]
 
 
 def run_synth(args) -> int:
@@ -89,6 +89,34 @@ def run_neighbours(args) -> int:
     return 0
 
 
+def run_clusters(args) -> int:
+    from ..coactivation.stats import open_stats
+
+    st = open_stats(args.stats)
+    cl = st.clusters(args.measure, threshold=args.threshold, max_size=args.max_size, method=args.method,
+                     top_m=args.top_m, client=client_for(args))
+    rows = [{**r, "members": r["members"].tolist()} for r in cl.rows]
+    if args.out:
+        from ..store import publish_file
+
+        doc = {"measure": cl.measure, "method": cl.method, "threshold": cl.threshold,
+               "n_isolated": cl.n_isolated, "clusters": rows}
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+
+        publish_file(f"{args.out}.tmp", args.out, write)
+    if not args.quiet:
+        print(f"{len(rows)} groups of latents ({cl.method}, {cl.measure} > {cl.threshold:.6g}); "
+              f"{cl.n_isolated} latents in none")
+        print(f"{'cluster':>7} {'size':>5} {'edges':>6} {'density':>7} {'hub':>6}  members")
+        for r in rows[:args.show]:
+            mem = " ".join(map(str, r["members"][:12])) + (" …" if r["size"] > 12 else "")
+            print(f"{r['cluster']:>7} {r['size']:>5} {r['edges']:>6} {r['density']:>7.3f} {r['hub']:>6}  {mem}")
+    return 0
+
+
 def run_status(args) -> int:
     import os
 
@@ -114,7 +142,7 @@ def run_status(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``synth``, ``coactivation``, ``pairs``, ``neighbours`` and ``status`` to an argparse subparsers object."""
+    """Add ``synth``, ``coactivation``, ``pairs``, ``neighbours``, ``clusters`` and ``status`` to an argparse subparsers object."""
     p = subparsers.add_parser("synth", help="write synthetic gates (dense or top-k) to a Zarr group")
     p.add_argument("out", help="output Zarr group")
     p.add_argument("--tokens", type=positive_int, required=True, help="number of tokens N")
@@ -159,6 +187,19 @@ def register(subparsers) -> None:
     p.add_argument("--top-m", type=positive_int, default=250, help="partners per latent (delphi's default: 250)")
     add_common_arguments(p)
     p.set_defaults(func=run_neighbours)
+
+    p = subparsers.add_parser("clusters", help="groups of co-occurring latents (components or Louvain communities)")
+    p.add_argument("stats", help="statistics store (from `distpen coactivation`)")
+    p.add_argument("--measure", default="jaccard", choices=MEASURES)
+    p.add_argument("--method", default="components", choices=("components", "louvain"))
+    p.add_argument("--threshold", type=float, default=None,
+                   help="edge threshold (default for components: bisected so the largest has ≤ --max-size)")
+    p.add_argument("--max-size", type=positive_int, default=200)
+    p.add_argument("--top-m", type=positive_int, default=None, help="graph of each latent's top-m partners only")
+    p.add_argument("--out", default=None, help="write the table as JSON")
+    p.add_argument("--show", type=positive_int, default=20, help="rows to print")
+    add_common_arguments(p)
+    p.set_defaults(func=run_clusters)
 
     p = subparsers.add_parser("status", help="progress and completeness of a run store")
     p.add_argument("store", help="run store path or fsspec URL")

@@ -303,6 +303,40 @@ class CoactivationStats:
             write_delphi_neighbours(lists, out)
         return lists
 
+    def clusters(self, measure: str = "jaccard", *, threshold=None, max_size: int = 200,
+                 method: str = "components", top_m=None, seed: int = 0, client=None):
+        """Groups of co-occurring latents from the pair graph, never from a dense ``K × K``.
+
+        Parameters
+        ----------
+        measure : str
+            Edge weight (any of :data:`MEASURES`).
+        threshold : float ≥ 0, optional
+            Keep edges whose measure is strictly above it. Default for ``"components"``: the smallest
+            threshold (found by bisection over the edge weights) at which the largest connected
+            component has at most ``max_size`` latents, as sae_cooccurrence does.
+        max_size : int ≥ 2
+        method : {"components", "louvain"}
+            Connected components of the thresholded graph, or networkx's Louvain communities of the
+            weighted graph (threshold 0 unless given; ``seed`` fixes its order).
+        top_m : int, optional
+            Build the graph from each latent's ``top_m`` strongest partners only (smaller graphs).
+
+        Returns
+        -------
+        Clusters
+            ``rows`` (cluster, size, edges, density, hub, members), largest first, and ``threshold``.
+
+        Examples
+        --------
+        >>> cl = st.clusters("jaccard", max_size=200)          # doctest: +SKIP
+        >>> cl.threshold, cl.rows[0]["size"], cl.rows[0]["hub"]   # doctest: +SKIP
+        """
+        from .clusters import find_clusters
+
+        table = self.pairs(measure=measure, top_m=top_m, client=client)
+        return find_clusters(table, measure, threshold=threshold, max_size=max_size, method=method, seed=seed)
+
     def _tile_measure(self, I, J, measure, threshold, min_count):
         """(values, eligible) of shape (n_I, n_J) for the tile; eligible excludes a == b."""
         t = self.tile(I, J)

@@ -44,6 +44,14 @@ def test_pipeline_with_progress_bars(addr, tmp_path, capsys):
     doc = json.loads(open(nb).read())
     want = dp.open_stats(st).neighbours(measure="npmi", top_m=5)
     assert doc == {str(a): [[s, p] for s, p in v] for a, v in want.items()}
+    cl_path = str(tmp_path / "clusters.json")
+    assert main(["clusters", st, "--max-size", "10", "--out", cl_path, "--scheduler", addr]) == 0
+    printed = capsys.readouterr().out
+    assert "groups of latents (components, jaccard >" in printed and "density" in printed
+    got = json.loads(open(cl_path).read())
+    want = dp.open_stats(st).clusters("jaccard", max_size=10)
+    assert got["threshold"] == want.threshold and [c["members"] for c in got["clusters"]] == \
+        [r["members"].tolist() for r in want.rows]
     assert main(["status", st, "--verify"]) == 0
     out = capsys.readouterr().out
     assert "coactivation  done" in out and "6/6" in out and "verify coactivation: ok" in out

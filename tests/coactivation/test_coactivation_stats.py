@@ -707,3 +707,74 @@ def test_neighbours_match_a_dense_jaccard_top_m_and_write_delphi_json(client, me
     assert sorted(doc, key=int) == [str(a) for a in range(K)]
     score, nbr = doc["1"][0]                               # score first, as delphi's loader reads it
     assert isinstance(score, float) and isinstance(nbr, int) and nbr == lists[1][0][1]
+
+
+# --------------------------------------------------------------------------- clusters
+def planted_gates(n=3000, k=48, seed=2):
+    """Groups of latents that fire together, plus background noise: real structure to recover."""
+    rng = np.random.default_rng(seed)
+    groups = [range(0, 6), range(6, 10), range(10, 13), range(20, 28), range(30, 32)]
+    G = (rng.random((n, k)) < 0.02) * rng.exponential(1.0, (n, k))
+    for g in groups:
+        on = rng.random(n) < 0.1
+        for a in g:
+            fire = on & (rng.random(n) < 0.9)
+            G[fire, a] = 1.0 + rng.random(int(fire.sum()))
+    return G
+
+
+def dense_components(J, thr):
+    from scipy.sparse.csgraph import connected_components
+
+    A = (J > thr).astype(int)
+    np.fill_diagonal(A, 0)
+    return connected_components(A, directed=False)[1]
+
+
+@pytest.mark.parametrize("max_size", [3, 6, 200])
+def test_clusters_match_sae_cooccurrence_dense_bisection(client, tmp_path, max_size):
+    G = planted_gates()
+    st = dp.coactivation_stats(G, tmp_path / "st", row_chunk=700, tile=16)
+    J, ok = numpy_measure(G, "jaccard")
+    J = np.where(ok, J, 0.0)
+    np.fill_diagonal(J, 0.0)
+    cl = st.clusters("jaccard", max_size=max_size)
+    # the threshold is the smallest (over the edge weights) whose largest component fits max_size
+    lab = dense_components(J, cl.threshold)
+    assert np.bincount(lab).max() <= max_size
+    below = np.unique(J[J > 0])
+    below = below[below < cl.threshold]
+    if cl.threshold > 0:  # one step lower (the next edge weight down, or 0) no longer fits
+        lower = below[-1] if below.size else 0.0
+        assert np.bincount(dense_components(J, lower)).max() > max_size
+    groups = {frozenset(np.flatnonzero(lab == g).tolist()) for g in np.unique(lab) if np.sum(lab == g) >= 2}
+    assert {frozenset(r["members"].tolist()) for r in cl.rows} == groups
+    assert list(cl.sizes) == sorted(cl.sizes, reverse=True)
+    for r in cl.rows:
+        m = r["members"]
+        sub = J[np.ix_(m, m)] > cl.threshold
+        assert r["edges"] == int(sub.sum()) // 2
+        assert r["density"] == pytest.approx(r["edges"] / (len(m) * (len(m) - 1) / 2))
+        deg = np.where(sub, J[np.ix_(m, m)], 0.0).sum(axis=1)
+        assert deg[list(m).index(r["hub"])] == pytest.approx(deg.max())
+    assert cl.n_isolated == int(sum(np.sum(lab == g) == 1 for g in np.unique(lab)))
+
+
+def test_clusters_recover_planted_groups_and_louvain_partitions(client, tmp_path):
+    G = planted_gates()
+    st = dp.coactivation_stats(G, tmp_path / "st", row_chunk=700, tile=16)
+    cl = st.clusters("jaccard", threshold=0.3)
+    found = {frozenset(r["members"].tolist()) for r in cl.rows}
+    assert {frozenset(range(0, 6)), frozenset(range(6, 10)), frozenset(range(20, 28))} <= found
+    lv = st.clusters("npmi", method="louvain", threshold=0.2, seed=1)
+    members = np.concatenate([r["members"] for r in lv.rows])
+    assert members.size == np.unique(members).size                    # a partition
+    assert all(r["size"] >= 2 and 0 < r["density"] <= 1 for r in lv.rows)
+    again = st.clusters("npmi", method="louvain", threshold=0.2, seed=1)
+    assert [r["members"].tolist() for r in again.rows] == [r["members"].tolist() for r in lv.rows]
+    labels = lv.labels(G.shape[1])
+    assert (labels[members] >= 0).all() and (labels == -1).sum() == G.shape[1] - members.size
+    with pytest.raises(InvalidArgumentError, match="method must be one of"):
+        st.clusters(method="leiden")
+    with pytest.raises(InvalidArgumentError, match="max_size must be ≥ 2"):
+        st.clusters(max_size=1)
