@@ -23,6 +23,10 @@ _RESUME_HINT = ("tiles already complete are kept; fix the input and re-run the s
 _ARRAYS = ("pair_sum", "pair_count", "fire_count", "gate_sum", "gate_sq_sum")
 
 
+#: dimension names of the statistics arrays, so ``xarray.open_zarr(store)`` names their axes
+_DIMS = {1: ("latent",), 2: ("latent", "partner")}
+
+
 def _stats_codecs(name: str):
     """Codecs of a statistics array: LZ4, bit-shuffled for the counts.
 
@@ -85,7 +89,7 @@ def _prepare_store(out: str, spec: dict, units, meta: dict, overwrite: bool):
                 )
         else:
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-                               compressors=_stats_codecs(name))
+                               compressors=_stats_codecs(name), dimension_names=_DIMS[len(shape)])
     group.attrs.update({"format": _FORMAT, "format_version": _FORMAT_VERSION, **meta})
     if job.done():  # a resumed job: drop what writers killed mid-write left behind
         for name in ("pair_sum", "pair_count"):

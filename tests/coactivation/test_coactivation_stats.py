@@ -778,3 +778,19 @@ def test_clusters_recover_planted_groups_and_louvain_partitions(client, tmp_path
         st.clusters(method="leiden")
     with pytest.raises(InvalidArgumentError, match="max_size must be ≥ 2"):
         st.clusters(max_size=1)
+
+
+def test_statistics_store_opens_in_xarray_with_named_dimensions(client, tmp_path):
+    import xarray as xr
+
+    G = mixed_gates(n=300, k=21, seed=4)
+    st = dp.coactivation_stats(G, tmp_path / "st", row_chunk=100, tile=8)
+    ds = xr.open_zarr(str(tmp_path / "st"), consolidated=False)
+    assert ds["pair_sum"].dims == ("latent", "partner") and ds["fire_count"].dims == ("latent",)
+    assert set(ds.data_vars) == {"pair_sum", "pair_count", "fire_count", "gate_sum", "gate_sq_sum"}
+    ref = reference(G)
+    np.testing.assert_array_equal(ds["fire_count"].values, ref["fire_count"])
+    # upper tiles only are stored: xarray sees the upper block triangle, the rest fill value 0
+    ps = ds["pair_sum"].values
+    np.testing.assert_allclose(np.triu(ps), np.triu(ref["pair_sum"]), rtol=1e-12)
+    assert ds.attrs["n_tokens"] == st.n_tokens == 300
