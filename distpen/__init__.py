@@ -15,7 +15,7 @@ The layers, from the floor up (a module imports only from layers below its own; 
 
 from . import errors
 from .cluster import connect
-from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats
+from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats, plan_coactivation
 from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, collinearity_gate, evaluate,
                         newton_recorder, newton_step, save_newton_result)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
@@ -59,6 +59,7 @@ __all__ = [
     "open_stats",
     "merge_stats",
     "CoactivationStats",
+    "plan_coactivation",
     # distributed evaluation, curvature assembly, Newton steps
     "evaluate",
     "assemble_majorizer",

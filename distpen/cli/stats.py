@@ -1,4 +1,4 @@
-"""``distpen synth | coactivation | pairs | neighbours | clusters | status``: the statistics subcommands of the CLI.
+"""``distpen synth | coactivation | plan | pairs | neighbours | clusters | status``: the statistics subcommands of the CLI.
 
 :func:`register` adds them to the ``distpen`` parser; each ``run_*`` function takes the parsed
 arguments and returns an exit status, so it can be called (and tested) on its own. Bad input raises
@@ -14,7 +14,7 @@ import json
 from ..coactivation.stats import MEASURES
 from ._common import Bar, add_common_arguments, client_for, dispatch, positive_int
 
-__all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_neighbours", "run_clusters", "run_status", "main_for_tests"]
+__all__ = ["register", "run_synth", "run_coactivation", "run_pairs", "run_neighbours", "run_clusters", "run_plan", "run_status", "main_for_tests"]
 
 
 def run_synth(args) -> int:
@@ -117,6 +117,49 @@ def run_clusters(args) -> int:
     return 0
 
 
+def _bytes(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``12e9`` → bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+    t = text.strip().lower()
+    for u, f in units.items():
+        if t.endswith(u):
+            return int(float(t[:-len(u)]) * f)
+    try:
+        return int(float(t))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 8GiB or 512MiB, got {text!r}") from None
+
+
+def run_plan(args) -> int:
+    from ..coactivation.forecast import calibrate, plan_atom_major, plan_coactivation
+
+    rates = None
+    if args.calibrate:
+        rates = calibrate()
+        if not args.json:
+            print("calibrated per-core rates on this machine: "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in rates.items() if k.startswith("t_")))
+    plan = plan_coactivation(args.tokens, args.atoms, topk=args.topk, density=args.density, n_workers=args.workers,
+                             memory_limit=args.memory, threads_per_worker=args.threads, tile=args.tile,
+                             rates=rates)
+    alt = None
+    if args.atom_major and args.topk is not None:
+        alt = plan_atom_major(args.tokens, args.atoms, topk=args.topk, n_workers=args.workers,
+                              memory_limit=args.memory, threads_per_worker=args.threads, rates=rates)
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "atom_major": alt}, indent=1, default=float))
+        return 0
+    print(plan)
+    if alt is not None:
+        gib = 2.0**30
+        print(f"atom-major 2-D decomposition (forecast only): {alt['n_tasks']} tasks of {alt['blocks_per_side']}² "
+              f"blocks, a one-off copy of {alt['copy_bytes'] / gib:.0f} GiB, "
+              f"{alt['bytes_read_per_worker'] / gib:.1f} GiB read per worker "
+              f"(row-major: {alt['row_major_bytes_read_per_worker'] / gib:.1f}), predicted {alt['predicted_s']:,.0f} s "
+              f"— {alt['speedup']:.1f}× the row-major plan")
+    return 0
+
+
 def run_status(args) -> int:
     import os
 
@@ -200,6 +243,21 @@ def register(subparsers) -> None:
     p.add_argument("--show", type=positive_int, default=20, help="rows to print")
     add_common_arguments(p)
     p.set_defaults(func=run_clusters)
+
+    p = subparsers.add_parser("plan", help="forecast a co-activation job: tile groups, memory, bytes read, time")
+    p.add_argument("--tokens", type=positive_int, required=True, help="number of tokens N")
+    p.add_argument("--atoms", type=positive_int, required=True, help="number of latents K")
+    form = p.add_mutually_exclusive_group(required=True)
+    form.add_argument("--topk", type=positive_int, help="active latents per token (top-k gates)")
+    form.add_argument("--density", type=float, help="nonzero fraction (dense gates)")
+    p.add_argument("--workers", type=positive_int, default=2)
+    p.add_argument("--memory", type=_bytes, default=8 * 2**30, help="memory limit per worker, e.g. 8GiB")
+    p.add_argument("--threads", type=positive_int, default=1, help="threads per worker")
+    p.add_argument("--tile", type=positive_int, default=None)
+    p.add_argument("--calibrate", action="store_true", help="measure the per-core rates on this machine first")
+    p.add_argument("--atom-major", action="store_true", help="also forecast the 2-D atom-major decomposition")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_plan)
 
     p = subparsers.add_parser("status", help="progress and completeness of a run store")
     p.add_argument("store", help="run store path or fsspec URL")

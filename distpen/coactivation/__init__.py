@@ -15,12 +15,18 @@ Modules, in the order data flows through them:
 :mod:`.stats`
     :class:`CoactivationStats`, the read side, measures and pair selection;
 :mod:`.merge`
-    :func:`merge_stats`.
+    :func:`merge_stats`;
+:mod:`.forecast`
+    :func:`plan_coactivation`, what a job will do on a given cluster and how long it takes;
+:mod:`.neighbours`, :mod:`.clusters`
+    analyses of a finished store: delphi's neighbour lists, groups of latents.
 """
 
+from .forecast import CoactivationPlan, plan_coactivation
 from .job import coactivation_stats
 from .merge import merge_stats
 from .plan import STAGE
 from .stats import MEASURES, CoactivationStats, Tile, open_stats
 
-__all__ = ["coactivation_stats", "open_stats", "merge_stats", "CoactivationStats", "Tile", "MEASURES", "STAGE"]
+__all__ = ["coactivation_stats", "open_stats", "merge_stats", "CoactivationStats", "Tile", "MEASURES", "STAGE",
+           "plan_coactivation", "CoactivationPlan"]

@@ -25,9 +25,9 @@ from ..store import RunStore, local_store_path
 from . import _kernels as ker
 from ._store import _RESUME_HINT, _json_roundtrip, _prepare_store
 from ._tasks import _combine, _finalize, _leaf, _leaf_and_finalize, _release_worker_buffers
-from .plan import (_FORMAT_VERSION, _MIN_STREAM_GROUPS, _SPARSE_DENSITY, STAGE, _check_split_every, _fan_in,
-                   _group_tiles, _parse_unit, _sample_density, _sources, _tiles, _unit, default_row_chunk,
-                   default_split_every, default_tile)
+from .plan import (_check_split_every, choose_parameters, default_row_chunk, _FORMAT_VERSION, _group_tiles,
+                   _MIN_STREAM_GROUPS, _parse_unit, _sample_density, _sources, _SPARSE_DENSITY, STAGE, _tiles,
+                   _unit)
 from .stats import CoactivationStats
 
 __all__ = ["coactivation_stats"]
@@ -113,14 +113,12 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
 
     client = client or get_client()
     mem = worker_memory_limit(client)
-    rc = min(row_chunk, N) if row_chunk is not None else default_row_chunk(mem, g, se)
-    if not se_given:
-        sparse = g.form == "topk" or _sample_density(g, rc) <= _SPARSE_DENSITY
-        se = default_split_every(mem, K, math.ceil(N / rc), tile, sparse,
-                                 float(N) * g.row_width() * (np.dtype(g.dtype).itemsize if g.form == "dense" else 8))
-    fan = _fan_in(N, rc, se)
-    T = min(tile, K) if tile is not None else default_tile(mem, K, fan)
-    nb = math.ceil(K / T)
+    sparse = None
+    if not se_given:  # dense gates: sample the first row chunk's density
+        rc0 = min(row_chunk, N) if row_chunk is not None else default_row_chunk(mem, g, se)
+        sparse = g.form == "topk" or _sample_density(g, rc0) <= _SPARSE_DENSITY
+    prm = choose_parameters(mem, g, row_chunk, tile, se if se_given else None, sparse)
+    rc, se, fan, T, nb = prm["row_chunk"], prm["split_every"], prm["fan_in"], prm["tile"], prm["n_blocks"]
     all_tiles = _tiles(nb)
     units = [_unit(i, j) for i, j in all_tiles]
     spec = {"kind": "coactivation", "version": _FORMAT_VERSION, "inputs": inputs,
@@ -133,7 +131,7 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     if _units is not None:  # test hook: compute only these tiles (simulates an interrupted job)
         wanted = {tuple(u) if not isinstance(u, str) else _parse_unit(u) for u in _units}
         pending = [t for t in pending if t in wanted]
-    streaming = math.ceil(math.ceil(N / rc) / se) == 1
+    streaming = prm["streaming"]
     groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1)
     # pair products bucketed per scatter pass (12 bytes each): at most 1/10 of a worker's memory
     scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (10 * 12))))

@@ -188,3 +188,30 @@ def _sample_density(gates, rows: int) -> float:
     x = gates.array[:m]
     x = np.asarray(x.compute() if hasattr(x, "compute") else x)
     return float(np.count_nonzero(x)) / max(1, x.size)
+
+
+def choose_parameters(memory_limit: int, gates, row_chunk=None, tile=None, split_every=None,
+                      sparse: bool | None = None) -> dict:
+    """The parameters a job over ``gates`` runs with: given values, defaults for the rest.
+
+    ``gates`` needs ``n_tokens``, ``k_atoms``, ``form``, ``dtype``, ``row_width()`` and
+    ``row_chunk_hint()`` (a gate source, or a stand-in for a forecast). ``sparse`` (dense gates at
+    most :data:`_SPARSE_DENSITY` non-zero) is measured by the caller when ``None`` is not enough.
+    Returns ``row_chunk``, ``split_every``, ``fan_in``, ``tile``, ``n_blocks``, ``n_chunks``,
+    ``n_leaves`` and ``streaming``.
+    """
+    N, K = gates.n_tokens, gates.k_atoms
+    se = _check_split_every(split_every)
+    rc = min(row_chunk, N) if row_chunk is not None else default_row_chunk(memory_limit, gates, se)
+    if split_every is None:
+        if sparse is None:
+            sparse = gates.form == "topk"
+        width = gates.row_width() * (np.dtype(gates.dtype).itemsize if gates.form == "dense" else 8)
+        se = default_split_every(memory_limit, K, math.ceil(N / rc), tile, sparse, float(N) * width)
+    fan = _fan_in(N, rc, se)
+    T = min(tile, K) if tile is not None else default_tile(memory_limit, K, fan)
+    n_chunks = math.ceil(N / rc)
+    n_leaves = math.ceil(n_chunks / se)
+    return {"row_chunk": int(rc), "split_every": int(se), "fan_in": int(fan), "tile": int(T),
+            "n_blocks": math.ceil(K / T), "n_chunks": int(n_chunks), "n_leaves": int(n_leaves),
+            "streaming": n_leaves == 1}

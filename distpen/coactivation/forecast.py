@@ -1,0 +1,276 @@
+"""``plan_coactivation``: what a co-activation job will do on a given cluster, and how long it takes.
+
+The forecast uses the same parameter choice as the job (:func:`.plan.choose_parameters` and
+:func:`.plan._group_tiles`), so its tile, row chunk, ``split_every`` and tile groups are the ones the
+job runs with. Its time model, for top-k gates with ``k`` slots per token (``U = k(k+1)/2`` pair
+updates per token, all slots used), ``N`` tokens, ``G`` tile groups and ``W`` workers::
+
+    core-seconds = N·U·t_pair(accumulator bytes of a group)      every pair update lands once
+                 + G·N·k·t_slot                                   each group pass walks every slot
+                 + N·k·t_read · (passes that miss the chunk cache)
+    wall         = core-seconds / (W · threads per worker)   (at least the longest group)
+
+with per-core rates measured on this machine by :func:`calibrate` (``distpen plan --calibrate``) or
+the defaults below (measured on the 2-core machine the project is developed on). ``t_pair`` grows
+with the accumulators a pass keeps: it is interpolated (log-log) between a cache-resident tile and
+a group of many tiles. Dense gates use the nonzero fraction ``density`` as ``k = density·K``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .._validation import check_finite_scalar, check_positive_int
+from ..errors import InvalidArgumentError
+from .plan import _MIN_STREAM_GROUPS, _group_tiles, _partial_bytes, _tiles, choose_parameters
+
+__all__ = ["CoactivationPlan", "plan_coactivation", "plan_atom_major", "calibrate", "DEFAULT_RATES"]
+
+#: per-core rates (seconds) measured here: a pair update into one 1024² tile (16 MiB, in cache) and
+#: into a group of 64 such tiles (1 GiB, far outside it); walking one slot in a group pass; reading
+#: and validating one top-k slot from Zarr (decode + sparse rows)
+DEFAULT_RATES = {"t_pair_small": 4.0e-9, "t_pair_large": 2.2e-8, "bytes_small": 16 * 2**20,
+                 "bytes_large": 2**30, "t_slot": 2.0e-9, "t_read": 3.0e-8,
+                 # atom-major decomposition (not implemented; for the forecast): writing the copy once and
+                 # re-sorting a task's entries by token, per entry
+                 "t_transpose": 6.0e-8, "t_sort": 4.0e-8}
+
+
+class _Stand:
+    """What the parameter choice needs to know of gates that do not exist yet."""
+
+    def __init__(self, n_tokens, k_atoms, form, width, dtype="float32", hint=None):
+        self.n_tokens, self.k_atoms, self.form, self._width, self.dtype = n_tokens, k_atoms, form, width, dtype
+        self._hint = hint
+
+    def row_width(self):
+        return self._width
+
+    def row_chunk_hint(self):
+        return self._hint
+
+
+@dataclass
+class CoactivationPlan:
+    """A forecast of a co-activation job (see the module docstring for the model)."""
+
+    n_tokens: int
+    k_atoms: int
+    slots_per_token: float
+    n_workers: int
+    threads_per_worker: int
+    memory_limit: int
+    tile: int
+    row_chunk: int
+    split_every: int
+    n_tiles: int
+    n_groups: int
+    tiles_per_group: list = field(default_factory=list)
+    streaming: bool = True
+    accumulator_bytes_per_task: int = 0
+    bytes_read_per_worker: float = 0.0
+    pair_updates: float = 0.0
+    predicted_s: float = 0.0
+    breakdown_s: dict = field(default_factory=dict)
+    rates: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        gib = 2.0**30
+        lines = [
+            f"co-activation plan: N = {self.n_tokens:,} tokens, K = {self.k_atoms:,} latents, "
+            f"{self.slots_per_token:g} active per token; {self.n_workers} workers × {self.threads_per_worker} "
+            f"thread(s), {self.memory_limit / gib:.1f} GiB each",
+            f"  tile {self.tile} → {self.n_tiles} tiles in {self.n_groups} groups "
+            f"({min(self.tiles_per_group, default=0)}–{max(self.tiles_per_group, default=0)} tiles each); "
+            f"row_chunk {self.row_chunk:,}, split_every {self.split_every} "
+            f"({'one streaming task per group' if self.streaming else 'a reduction tree per group'})",
+            f"  accumulators per task {self.accumulator_bytes_per_task / gib:.2f} GiB; "
+            f"gates read per worker {self.bytes_read_per_worker / gib:.1f} GiB; "
+            f"{self.pair_updates:.3g} pair updates",
+            f"  predicted {self.predicted_s:,.0f} s ({self.n_tokens / max(self.predicted_s, 1e-9):,.0f} tokens/s): "
+            + ", ".join(f"{k} {v:,.0f} s" for k, v in self.breakdown_s.items()),
+        ]
+        return "\n".join(lines)
+
+
+def _t_pair(rates: dict, nbytes: float) -> float:
+    a, b = rates["bytes_small"], rates["bytes_large"]
+    ya, yb = rates["t_pair_small"], rates["t_pair_large"]
+    x = min(max(nbytes, a), b)
+    f = math.log(x / a) / math.log(b / a)
+    return math.exp(math.log(ya) + f * (math.log(yb) - math.log(ya)))
+
+
+def plan_coactivation(n_tokens: int, k_atoms: int, *, topk: int | None = None, density: float | None = None,
+                      n_workers: int = 2, memory_limit: int = 8 * 2**30, threads_per_worker: int = 1,
+                      tile: int | None = None, row_chunk: int | None = None, split_every: int | None = None,
+                      stored_chunk: int | None = None, rates: dict | None = None) -> CoactivationPlan:
+    """Forecast a co-activation job: its tile groups, memory, bytes read and time.
+
+    Parameters
+    ----------
+    n_tokens, k_atoms : int
+    topk : int, optional
+        Active slots per token (top-k gates); or
+    density : float in (0, 1], optional
+        Nonzero fraction (dense gates).
+    n_workers, memory_limit, threads_per_worker
+        The cluster (``memory_limit`` in bytes, per worker).
+    tile, row_chunk, split_every : optional
+        As for :func:`~distpen.coactivation.coactivation_stats` (defaults as it chooses them).
+    stored_chunk : int, optional
+        Rows per stored chunk of the gates (the job aligns its row chunks to them).
+    rates : dict, optional
+        Per-core rates from :func:`calibrate` (default :data:`DEFAULT_RATES`).
+
+    Returns
+    -------
+    CoactivationPlan
+
+    Examples
+    --------
+    >>> print(plan_coactivation(10**8, 32768, topk=32, n_workers=2, memory_limit=12 * 2**30))  # doctest: +SKIP
+    """
+    N = check_positive_int(n_tokens, "n_tokens")
+    K = check_positive_int(k_atoms, "k_atoms")
+    if (topk is None) == (density is None):
+        raise InvalidArgumentError("give exactly one of topk (top-k gates) or density (dense gates)")
+    if topk is not None:
+        k = check_positive_int(topk, "topk")
+        if k > K:
+            raise InvalidArgumentError(f"topk = {k} exceeds k_atoms = {K}")
+        gates = _Stand(N, K, "topk", k, hint=stored_chunk)
+        slots = float(k)
+    else:
+        density = check_finite_scalar(density, "density", positive=True)
+        if density > 1:
+            raise InvalidArgumentError(f"density must lie in (0, 1], got {density}")
+        gates = _Stand(N, K, "dense", K, hint=stored_chunk)
+        slots = density * K
+    W = check_positive_int(n_workers, "n_workers")
+    thr = check_positive_int(threads_per_worker, "threads_per_worker")
+    mem = check_positive_int(memory_limit, "memory_limit")
+    rates = {**DEFAULT_RATES, **(rates or {})}
+    sparse = topk is not None or density <= 0.05
+    prm = choose_parameters(mem, gates, row_chunk, tile, split_every, sparse)
+    T, nb = prm["tile"], prm["n_blocks"]
+    tiles = _tiles(nb)
+    groups = _group_tiles(tiles, T, mem, prm["fan_in"], _MIN_STREAM_GROUPS if prm["streaming"] else 1)
+    G = len(groups)
+    sizes = [len(g) for g in groups]
+    acc = max(sizes) * _partial_bytes(T)
+    U = slots * (slots + 1) / 2.0
+    bytes_per_slot = 8.0  # int32 index + float32 value (top-k); dense rows are read as such
+    gate_bytes = N * (slots * bytes_per_slot if topk is not None else K * 4.0)
+    # the chunk cache (1/8 of a worker's memory) keeps what a worker read for its later groups
+    cache = mem / 8.0 if G > 1 and prm["streaming"] else 0.0
+    groups_per_worker = math.ceil(G / W)
+    miss = 1.0 if cache >= gate_bytes else groups_per_worker - (groups_per_worker - 1) * (cache / gate_bytes)
+    read_per_worker = gate_bytes * max(1.0, miss)
+    pair_s = N * U * _t_pair(rates, acc)
+    slot_s = G * N * slots * rates["t_slot"]
+    read_s = W * max(1.0, miss) * N * slots * rates["t_read"]
+    total = pair_s + slot_s + read_s
+    longest = max(sizes) / max(1, sum(sizes)) * pair_s + (slot_s + read_s) / G
+    wall = max(total / (W * thr), longest / thr)
+    return CoactivationPlan(
+        n_tokens=N, k_atoms=K, slots_per_token=slots, n_workers=W, threads_per_worker=thr, memory_limit=mem,
+        tile=T, row_chunk=prm["row_chunk"], split_every=prm["split_every"], n_tiles=len(tiles), n_groups=G,
+        tiles_per_group=sizes, streaming=prm["streaming"], accumulator_bytes_per_task=int(acc),
+        bytes_read_per_worker=float(read_per_worker), pair_updates=float(N * U), predicted_s=float(wall),
+        breakdown_s={"pair updates": pair_s / (W * thr), "group passes": slot_s / (W * thr),
+                     "reads": read_s / (W * thr)},
+        rates=rates)
+
+
+def calibrate(*, rows: int = 40_000, k: int = 32, tile: int = 1024, large_tiles: int = 64, seed: int = 0) -> dict:
+    """Measure the per-core rates of :data:`DEFAULT_RATES` on this machine (one thread, a few seconds).
+
+    Scatters synthetic top-k rows into one tile and into ``large_tiles`` tiles with the job's own
+    kernel, and times building validated sparse rows from top-k arrays.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from .._workers import kernel_threads
+    from . import _kernels as ker
+
+    rng = np.random.default_rng(seed)
+
+    def rows_over(span):
+        idx = np.argsort(rng.random((rows, span)), axis=1)[:, :k].astype(np.int32) if span <= 4096 else \
+            np.stack([rng.choice(span, k, replace=False) for _ in range(rows)]).astype(np.int32)
+        return idx, rng.uniform(0.1, 1.0, (rows, k)).astype(np.float32)
+
+    out = {}
+    with threadpool_limits(1), kernel_threads(1):
+        for name, n_tiles_side in (("small", 1), ("large", int(math.isqrt(2 * large_tiles)))):
+            span = n_tiles_side * tile
+            local = [(i, j) for i in range(n_tiles_side) for j in range(i, n_tiles_side)]
+            idx, val = rows_over(span)
+            csr = ker.topk_block_csr(idx, val, 0, span, span)
+            part = ker.new_partial(len(local), tile, 0, cnt_dtype=np.int32)
+            ws = ker.ScatterWorkspace()
+            ker.scatter_group(csr, 0, tile, n_tiles_side, local, range(len(local)), part["sum"], part["cnt"], ws)
+            t0 = time.perf_counter()
+            ker.scatter_group(csr, 0, tile, n_tiles_side, local, range(len(local)), part["sum"], part["cnt"], ws)
+            dt = time.perf_counter() - t0
+            out[f"t_pair_{name}"] = dt / (rows * k * (k + 1) / 2)
+            out[f"bytes_{name}"] = float(len(local) * _partial_bytes(tile))
+            if name == "small":  # read top-k chunks from Zarr (zstd, as synth_gates writes) into sparse rows
+                import zarr
+
+                store = zarr.storage.MemoryStore()
+                g = zarr.open_group(store, mode="w")
+                zi = g.create_array("i", shape=idx.shape, chunks=idx.shape, dtype=idx.dtype)
+                zv = g.create_array("v", shape=val.shape, chunks=val.shape, dtype=val.dtype)
+                zi[:], zv[:] = idx, val
+                t0 = time.perf_counter()
+                ker.topk_block_csr(np.asarray(zi[:]), np.asarray(zv[:]), 0, span, span)
+                out["t_read"] = (time.perf_counter() - t0) / (rows * k)
+                # a pass over rows whose atoms all lie outside the group's span
+                t0 = time.perf_counter()
+                ker.scatter_group(csr, span, tile, 1, [(0, 0)], [0], part["sum"][:1], part["cnt"][:1], ws)
+                out["t_slot"] = max((time.perf_counter() - t0) / (rows * k), 1e-10)
+            del part
+    return out
+
+
+def plan_atom_major(n_tokens: int, k_atoms: int, *, topk: int, n_workers: int, memory_limit: int,
+                    threads_per_worker: int = 1, tile: int = 1024, rates: dict | None = None) -> dict:
+    """Forecast the 2-D decomposition over an atom-major copy of top-k gates (not implemented).
+
+    The copy (for each latent, its tokens and values: 8 bytes an entry) is written once. A task owns
+    a square of ``s × s`` atom blocks whose accumulators fit its memory budget, reads only the
+    entries of the latents in its two block ranges, re-sorts them by token and scatters their pair
+    products, so no worker reads the corpus once per group. Returns the forecast as a dict, with
+    the row-major plan's prediction beside it for comparison.
+    """
+    rates = {**DEFAULT_RATES, **(rates or {})}
+    row = plan_coactivation(n_tokens, k_atoms, topk=topk, n_workers=n_workers, memory_limit=memory_limit,
+                            threads_per_worker=threads_per_worker, tile=tile, rates=rates)
+    N, K, k, W, thr = row.n_tokens, row.k_atoms, float(topk), row.n_workers, row.threads_per_worker
+    T = row.tile
+    nb = math.ceil(K / T)
+    budget_tiles = max(1, int(memory_limit / 2 / 3 // _partial_bytes(T)))  # a task's share, as the job's
+    s = max(1, min(nb, math.isqrt(budget_tiles)))
+    m = math.ceil(nb / s)
+    n_tasks = m * (m + 1) // 2
+    entries = N * k
+    # an off-diagonal task reads two block ranges, a diagonal one one range
+    read_entries = (m * (m - 1) // 2) * (2 * s / nb) * entries + m * (s / nb) * entries
+    U = k * (k + 1) / 2.0
+    core_s = (entries * rates["t_transpose"] + read_entries * (rates["t_read"] + rates["t_sort"])
+              + N * U * _t_pair(rates, s * s * _partial_bytes(T)))
+    wall = core_s / (W * thr)
+    return {"tile": T, "blocks_per_side": s, "n_tasks": n_tasks, "accumulator_bytes_per_task": s * s * _partial_bytes(T),
+            "copy_bytes": entries * 8.0, "bytes_read_per_worker": read_entries * 8.0 / W,
+            "predicted_s": wall, "row_major_predicted_s": row.predicted_s,
+            "row_major_bytes_read_per_worker": row.bytes_read_per_worker,
+            "speedup": row.predicted_s / wall if wall > 0 else math.inf}
