@@ -228,6 +228,9 @@ class CoactivationStats:
             Keep pairs that co-fire on at least this many tokens.
         out : path, optional
             Also save the table there (:meth:`PairTable.save`).
+        client : distributed.Client or "local", optional
+            Where the tiles are processed: the cluster (default: the current client), or
+            ``"local"``: one after the other in this process (a dashboard with no scheduler).
 
         Returns
         -------
@@ -243,7 +246,7 @@ class CoactivationStats:
         min_count = check_positive_int(min_count, "min_count", allow_zero=True)
         from dask.base import tokenize
 
-        client = client or get_client()
+        client = _InProcess() if client == "local" else (client or get_client())
         tiles = self.nonzero_tiles()
         opts = (measure, threshold, min_count)
         tok = tokenize(self.path, self.fingerprint, opts, top_m)
@@ -393,6 +396,16 @@ class CoactivationStats:
         if I == J:
             np.fill_diagonal(ok, False)
         return M, ok
+
+
+class _InProcess:
+    """The two client calls :meth:`CoactivationStats.pairs` makes, run in this process, in order."""
+
+    def map(self, fn, *iterables, key=None):
+        return [fn(*args) for args in zip(*iterables)]
+
+    def gather(self, values):
+        return values
 
 
 def _open_trusted(path):

@@ -21,9 +21,10 @@ Examples
 """
 
 from .monitor import JobMonitor
-from .plots import (coactivation_heatmap_data, penalty_schedule_values, plot_coactivation_heatmap,
-                    plot_firing_rates, plot_newton_residuals, plot_pair_weights, plot_penalty_schedule,
-                    plot_tile_occupancy, record_penalty_schedule, tile_occupancy_data)
+from .plots import (coactivation_heatmap_data, format_latent_partners, latent_partners,
+                    penalty_schedule_values, plot_clusters, plot_coactivation_heatmap, plot_firing_rates,
+                    plot_newton_residuals, plot_pair_weights, plot_penalty_schedule, plot_tile_occupancy,
+                    record_penalty_schedule, tile_occupancy_data)
 from .status import cluster_info, format_status, format_status_html, status_json
 
 __all__ = [
@@ -33,6 +34,9 @@ __all__ = [
     "format_status_html",
     "cluster_info",
     "plot_coactivation_heatmap",
+    "plot_clusters",
+    "latent_partners",
+    "format_latent_partners",
     "plot_firing_rates",
     "plot_pair_weights",
     "plot_tile_occupancy",

@@ -15,6 +15,7 @@ from ..errors import InvalidArgumentError, StoreError
 from .status import NEWTON_STAGE, SCHEDULE_STAGE, _as_store
 
 __all__ = [
+    "plot_clusters", "latent_partners", "format_latent_partners",
     "plot_coactivation_heatmap", "plot_firing_rates", "plot_pair_weights", "plot_tile_occupancy",
     "plot_newton_residuals", "plot_penalty_schedule", "penalty_schedule_values", "record_penalty_schedule",
     "coactivation_heatmap_data", "tile_occupancy_data",
@@ -214,6 +215,117 @@ def plot_firing_rates(store, *, ax=None, bins: int = 40):
     ax.axvline(np.median(live), color="#d62728", linestyle="--", linewidth=1, label=f"median {np.median(live):.2g}")
     ax.legend(fontsize=8)
     return fig
+
+
+def plot_clusters(store, measure: str = "jaccard", *, max_size: int = 200, n_show: int = 6, fig=None):
+    """The largest groups of co-occurring latents, each as a small heatmap of its pairs' ``measure``,
+    and the distribution of group sizes (``CoactivationStats.clusters``, computed in this process).
+
+    Parameters
+    ----------
+    store : str, os.PathLike, RunStore or CoactivationStats
+    measure : str
+        Edge weight of the pair graph (any of :data:`distpen.coactivation.MEASURES`).
+    max_size : int
+        The largest connected component is at most this big (the threshold is bisected).
+    n_show : int
+        Groups drawn as heatmaps.
+    fig : matplotlib.figure.Figure, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from ..coactivation.clusters import find_clusters
+
+    title = f"groups of co-occurring latents ({measure})"
+    stats, msg = _open_stats(store)
+    if fig is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(2.4 * (n_show + 1), 2.9), layout="constrained")
+    if stats is None:
+        return _message(fig, fig.add_subplot(), title, msg)
+    done, total = _stats_progress(stats)
+    table = stats.pairs(measure=measure, client="local")
+    cl = find_clusters(table, measure, max_size=max_size)
+    if not cl.rows:
+        return _message(fig, fig.add_subplot(), title, f"no two latents co-occur under {measure} in {stats.path}"
+                        + _progress_note(len(done), total))
+    shown = cl.rows[:n_show]
+    axes = fig.subplots(1, len(shown) + 1, gridspec_kw={"width_ratios": [1] * len(shown) + [1.4]})
+    W = {}
+    for a, b, w in zip(table.j.tolist(), table.k.tolist(), table.w.tolist()):
+        W[(a, b)] = w
+    for ax, r in zip(axes[:-1], shown):
+        m = r["members"]
+        order = np.argsort(-np.array([sum(W.get((min(a, b), max(a, b)), 0.0) for b in m) for a in m]), kind="stable")
+        m = m[order]
+        M = np.array([[W.get((min(a, b), max(a, b)), 0.0) for b in m] for a in m])
+        ax.imshow(M, cmap="viridis", vmin=0.0, vmax=max(float(M.max()), 1e-12), interpolation="nearest")
+        ax.set_title(f"#{r['cluster']}: {r['size']} latents\nhub {r['hub']}, density {r['density']:.2f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = axes[-1]
+    sizes = cl.sizes
+    ax.hist(sizes, bins=np.arange(2, sizes.max() + 2) - 0.5 if sizes.max() < 40 else 30, color="#ff7f0e",
+            edgecolor="#7f3f07", linewidth=0.6)
+    ax.set_xlabel("group size (latents)")
+    ax.set_ylabel("groups")
+    ax.set_title(f"{len(cl)} groups, {cl.n_isolated} latents alone", fontsize=8)
+    fig.suptitle(f"{title}, threshold {cl.threshold:.3g} (largest ≤ {max_size})"
+                 + _progress_note(len(done), total), fontsize=10)
+    fig.distpen_clusters = cl
+    return fig
+
+
+def latent_partners(store, latent: int, measures=("jaccard", "npmi", "phi", "pearson", "lift"), top: int = 8) -> dict:
+    """A latent's strongest partners under each measure: ``{measure: [(partner, value), …]}``.
+
+    Reads only the tiles of the latent's row and column block (in this process).
+    """
+    from ..coactivation.stats import MEASURES
+
+    stats, msg = _open_stats(store)
+    if stats is None:
+        raise InvalidArgumentError(msg)
+    K = stats.k_atoms
+    if not isinstance(latent, (int, np.integer)) or not 0 <= int(latent) < K:
+        raise InvalidArgumentError(f"latent must be an atom index in [0, {K}), got {latent!r}")
+    bad = [m for m in measures if m not in MEASURES]
+    if bad:
+        raise InvalidArgumentError(f"unknown measures {bad}; expected a subset of {MEASURES}")
+    T = stats.tile_size
+    b = int(latent) // T
+    out = {}
+    for measure in measures:
+        vals = np.full(K, -np.inf)
+        for other in range(stats.n_blocks):
+            I, J = min(b, other), max(b, other)
+            M, ok = stats._tile_measure(I, J, measure, 0.0, 0)
+            row = (int(latent) - b * T) if I == b else None
+            c0 = other * T
+            if I == b:
+                vals[c0:c0 + M.shape[1]] = np.where(ok[row], M[row], -np.inf)
+            else:
+                col = int(latent) - b * T
+                vals[c0:c0 + M.shape[0]] = np.where(ok[:, col], M[:, col], -np.inf)
+        vals[int(latent)] = -np.inf
+        order = np.lexsort((np.arange(K), -vals))[:top]
+        out[measure] = [(int(p), float(vals[p])) for p in order if np.isfinite(vals[p])]
+    return out
+
+
+def format_latent_partners(store, latent: int, **kwargs) -> str:
+    """:func:`latent_partners` as a text table, one column per measure."""
+    parts = latent_partners(store, latent, **kwargs)
+    measures = list(parts)
+    depth = max((len(v) for v in parts.values()), default=0)
+    lines = [f"latent {latent}: strongest partners", "  ".join(f"{m:>16}" for m in measures)]
+    for i in range(depth):
+        lines.append("  ".join(f"{parts[m][i][0]:>7} {parts[m][i][1]:>8.3g}" if i < len(parts[m]) else " " * 16
+                               for m in measures))
+    return "\n".join(lines)
 
 
 def _pair_weight_values(stats, measures, max_tiles: int) -> tuple[dict, int]:

@@ -265,6 +265,9 @@ def test_every_measure_matches_numpy_formula(client, measured, measure, threshol
     assert not np.isin(3, pt.j) and not np.isin(3, pt.k)          # silent atom: no pair, no division by 0
     if measure in ("phi", "pearson"):                               # always-on atom: no variance, no pair
         assert not np.isin(0, pt.j)
+    # the same tiles processed in this process (a dashboard without a scheduler) give the same table
+    assert st.pairs(threshold=threshold, measure=measure, min_count=min_count, top_m=3, client="local") == \
+        st.pairs(threshold=threshold, measure=measure, min_count=min_count, top_m=3)
     assert np.isfinite(pt.w).all() and (pt.w > 0).all()
 
 

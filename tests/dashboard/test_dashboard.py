@@ -29,6 +29,7 @@ ALL_PLOTS = {
     "occupancy_H": db.plot_tile_occupancy,
     "newton": db.plot_newton_residuals,
     "schedule": db.plot_penalty_schedule,
+    "clusters": lambda s: db.plot_clusters(s, max_size=20),
 }
 
 
@@ -292,3 +293,26 @@ def test_penalty_schedule_values_scale_with_the_weight(finished_run):
         db.penalty_schedule_values(pen, beta, np.zeros(0), "linear", 3)
     with pytest.raises(InvalidArgumentError, match="equal-length 'iterations' and 'values'"):
         db.record_penalty_schedule(finished_run["run"], {"iterations": [0, 1], "values": [1.0]})
+
+
+def test_cluster_view_draws_the_largest_groups_of_the_store(finished_run, client):
+    fig = db.plot_clusters(finished_run["run"], "jaccard", max_size=20, n_show=4)
+    cl = fig.distpen_clusters
+    want = finished_run["stats"].clusters("jaccard", max_size=20)
+    assert cl.threshold == want.threshold and [r["members"].tolist() for r in cl.rows] == \
+        [r["members"].tolist() for r in want.rows]
+    assert len(fig.axes) == min(4, len(cl)) + 1 and png_pixels(fig).std() > 20
+
+
+def test_latent_lookup_lists_the_strongest_partners_under_each_measure(finished_run, client):
+    stats = finished_run["stats"]
+    a = int(np.argmax(stats.fire_count))
+    got = db.latent_partners(finished_run["run"], a, measures=("jaccard", "npmi"), top=5)
+    for measure in ("jaccard", "npmi"):
+        want = stats.neighbours(measure, top_m=5)[a]
+        assert [p for p, _ in got[measure]] == [p for _, p in want]
+        np.testing.assert_allclose([v for _, v in got[measure]], [v for v, _ in want], rtol=1e-12)
+    text = db.format_latent_partners(finished_run["run"], a, measures=("jaccard", "npmi"), top=5)
+    assert text.splitlines()[0] == f"latent {a}: strongest partners" and "jaccard" in text and "npmi" in text
+    with pytest.raises(InvalidArgumentError, match=r"latent must be an atom index in \[0, 256\)"):
+        db.latent_partners(finished_run["run"], 256)

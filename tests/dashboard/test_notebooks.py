@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 SCREENSHOT = ROOT / "docs" / "monitor.png"
 KERNEL = "distpen-test"
-N_PLOTS = 7  # figures in monitor.ipynb
+N_PLOTS = 8  # figures in monitor.ipynb
 
 
 @pytest.fixture(scope="module")
