@@ -15,14 +15,14 @@ The layers, from the floor up (a module imports only from layers below its own; 
 
 from . import errors
 from .cluster import connect
-from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats
+from .coactivation import CoactivationStats, RelativeThreshold, coactivation_stats, merge_stats, open_stats
 from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, evaluate, newton_recorder,
                         newton_step, save_newton_result)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
 from .pairs import PairTable
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty, penalty_from_spec
-from .sources import (SAE, ActivationSource, DelphiLatents, DenseGates, TopKGates, load_sae, open_activations,
-                      open_gates, synth_gates)
+from .sources import (SAE, ActivationSource, DelphiGates, DelphiLatents, DenseGates, SparseGates, TopKGates,
+                      load_sae, open_activations, open_gates, synth_gates)
 from .store import RunStore
 from .weights import Geometric, Linear, ReciprocalIter, ScalarWeightSchedule, resolve_learnable_weight
 
@@ -48,6 +48,8 @@ __all__ = [
     "connect",
     "DenseGates",
     "TopKGates",
+    "SparseGates",
+    "DelphiGates",
     "open_gates",
     "synth_gates",
     "DelphiLatents",
@@ -56,6 +58,7 @@ __all__ = [
     "ActivationSource",
     "open_activations",
     "coactivation_stats",
+    "RelativeThreshold",
     "open_stats",
     "merge_stats",
     "CoactivationStats",

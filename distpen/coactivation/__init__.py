@@ -20,7 +20,8 @@ Modules, in the order data flows through them:
 
 from .job import coactivation_stats
 from .merge import merge_stats
-from .plan import STAGE
+from .plan import STAGE, RelativeThreshold
 from .stats import MEASURES, CoactivationStats, Tile, open_stats
 
-__all__ = ["coactivation_stats", "open_stats", "merge_stats", "CoactivationStats", "Tile", "MEASURES", "STAGE"]
+__all__ = ["coactivation_stats", "open_stats", "merge_stats", "CoactivationStats", "Tile", "MEASURES", "STAGE",
+           "RelativeThreshold"]
