@@ -21,8 +21,8 @@ from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, eva
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
 from .pairs import PairTable
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty, penalty_from_spec
-from .sources import (SAE, ActivationSource, DelphiGates, DelphiLatents, DenseGates, SparseGates, TopKGates,
-                      load_sae, open_activations, open_gates, synth_gates)
+from .sources import (SAE, ActivationSource, DelphiGates, DelphiLatents, DenseGates, EncodedGates, SparseGates,
+                      TopKGates, encode_gates, load_sae, open_activations, open_gates, synth_gates)
 from .store import RunStore
 from .weights import Geometric, Linear, ReciprocalIter, ScalarWeightSchedule, resolve_learnable_weight
 
@@ -57,6 +57,8 @@ __all__ = [
     "load_sae",
     "ActivationSource",
     "open_activations",
+    "EncodedGates",
+    "encode_gates",
     "coactivation_stats",
     "RelativeThreshold",
     "open_stats",

@@ -162,13 +162,14 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     # (CSR-form sources always: their rows cost a read, a decode or an encode each time)
     cache_key = job.fingerprint if len(groups) > 1 and (streaming or g.form == "sparse") else None
     cache_bytes = int(mem // 8)
+    scattered = None
     if g.form == "sparse" and groups:
         try:
-            g = _prepare_source(g, out, len(groups), client)
+            g, scattered = _prepare_source(g, out, len(groups), rc, client)
         except BaseException as exc:
             job.fail(f"{type(exc).__name__}: {exc}")
             raise
-    chunks = _sources(g, rc, client)
+    chunks = _sources(g, rc, client, scattered)
     R = len(chunks)
     n_leaves = math.ceil(R / se)
     n_run = len(pending)
@@ -295,18 +296,19 @@ def scratch_dir(out: str) -> str:
     return os.path.join(out, "_distpen", STAGE, "scratch")
 
 
-def _prepare_source(g, out: str, passes: int, client):
-    """The source the job reads, after the source's one-off calls (``job_source``) ran on the
-    workers, one task each (e.g. indexing each delphi shard once)."""
+def _prepare_source(g, out: str, passes: int, row_chunk: int, client):
+    """The source the job reads and its future on the cluster (it is sent once), after the
+    source's one-off calls (``job_source``) ran on the workers, one task each (e.g. indexing each
+    delphi shard once)."""
     scratch = scratch_dir(out)
     os.makedirs(scratch, exist_ok=True)
-    src, calls = g.job_source(scratch, passes)
+    src, calls = g.job_source(scratch, passes, row_chunk)
+    fut = client.scatter(src, broadcast=False, hash=True)  # once: the job's row chunks read it too
     if calls:
-        fut = client.scatter(src, broadcast=False, hash=True)
         futs = [client.submit(fn, fut, *args, pure=False) for fn, *args in calls]
         try:
             client.gather(futs)
         finally:
             for f in futs:
                 f.cancel()
-    return src
+    return src, fut

@@ -182,7 +182,7 @@ def check_fire_threshold(fire_threshold, k_atoms: int):
 
 
 # ============================================================================ planning
-def _sources(gates, row_chunk: int, client):
+def _sources(gates, row_chunk: int, client, scattered=None):
     """Per row chunk: ``(r0, r1, data, base)`` where a task reads ``data[r0-base:r1-base]``.
 
     Zarr arrays are read by the tasks themselves; numpy arrays are scattered to the workers once;
@@ -204,7 +204,7 @@ def _sources(gates, row_chunk: int, client):
         return [(blk, r0) for blk, (r0, _) in zip(blocks, spans)]
 
     if gates.form == "sparse":  # the source object itself, sent to the workers once
-        fut = client.scatter(gates, broadcast=False, hash=True)
+        fut = scattered if scattered is not None else client.scatter(gates, broadcast=False, hash=True)
         return [(r0, r1, fut, 0) for r0, r1 in spans]
     if isinstance(gates, DenseGates):
         src = one(gates.array, gates.kind, gates.k_atoms)

@@ -14,10 +14,10 @@ statistics job relies on:
   ``input_spec()``, ``row_chunk_hint()``, ``row_width()`` (entries per row, an estimate);
 * ``csr_rows(r0, r1)`` → ``(indptr, indices, values)`` of rows ``[r0, r1)`` (``indptr`` int64
   from 0), as stored: rows need not be sorted; the job's kernels validate and sort them;
-* ``job_source(scratch, passes)`` → ``(source, calls)``: the source a job reads and the calls
+* ``job_source(scratch, passes, row_chunk)`` → ``(source, calls)``: the source a job reads and the calls
   ``(function, *args)`` to run once, on the workers, before any row chunk is read (each called as
   ``function(source, *args)``); ``scratch`` is a directory every worker sees, and ``passes`` the
-  number of times the job will read each row chunk.
+  number of times the job will read each row chunk of ``row_chunk`` rows.
 """
 
 from __future__ import annotations
@@ -517,7 +517,7 @@ class SparseGates:
     def row_width(self) -> int:
         return max(1, -(-self.nnz // self.n_tokens))
 
-    def job_source(self, scratch, passes=1):
+    def job_source(self, scratch, passes=1, row_chunk=None):
         return self, []
 
     def csr_rows(self, r0: int, r1: int):
@@ -580,7 +580,7 @@ class DelphiGates:
     def row_width(self) -> int:
         return max(1, -(-self.nnz // max(1, self.n_tokens)))
 
-    def job_source(self, scratch, passes=1):
+    def job_source(self, scratch, passes=1, row_chunk=None):
         """A copy indexing into ``scratch/delphi-index`` and one indexing call per shard."""
         import copy
 
@@ -636,7 +636,7 @@ class _StoredCSRGates:
     def row_width(self) -> int:
         return max(1, -(-self.nnz // max(1, self.n_tokens))) if self.nnz else 32
 
-    def job_source(self, scratch, passes=1):
+    def job_source(self, scratch, passes=1, row_chunk=None):
         return self, []
 
     def _chunk(self, c: int):
