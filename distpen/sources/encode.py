@@ -378,6 +378,11 @@ def encode_gates(activations, sae, out, *, row_chunk=None, overwrite=False, prog
                 group.create_array(name, shape=(N, k), chunks=(rc, k), dtype=dtype, fill_value=fill)
     elif "chunks" not in have:
         group.create_group("chunks")
+    else:  # a resumed job: drop what writers of an earlier run left behind mid-write
+        cdir = os.path.join(out, "chunks")
+        for name in os.listdir(cdir):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(cdir, name), ignore_errors=True)
     attrs = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "form": form, "k_atoms": K,
              "n_tokens": N, "row_chunk": rc, "dtype": "float32", "complete": False,
              "encoder": {"sae": repr(src.sae), "activation": src.sae.activation, "d_in": src.sae.d_in,
@@ -430,9 +435,18 @@ def encode_gates(activations, sae, out, *, row_chunk=None, overwrite=False, prog
                 report()
                 submit_next()
         except BaseException as exc:
-            for f in list(ac.futures):
-                f.cancel()
+            # let the chunks in flight (at most a few) finish, so that nothing still writes into the
+            # store once this call has returned; their markers stay valid
+            from distributed import wait
+
+            rest = list(ac.futures)
             ac.clear()
+            try:
+                wait(rest, timeout=300)
+            except Exception:  # noqa: BLE001 - best effort; the failure below is what matters
+                pass
+            for f in rest:
+                f.release()
             job.fail(f"{type(exc).__name__}: {exc}", units_computed=state["computed"])
             raise
     if not job.pending():
