@@ -15,14 +15,15 @@ The layers, from the floor up (a module imports only from layers below its own; 
 
 from . import errors
 from .cluster import connect
-from .coactivation import CoactivationStats, coactivation_stats, merge_stats, open_stats, plan_coactivation
+from .coactivation import (CoactivationStats, RelativeThreshold, coactivation_stats, merge_stats, open_stats,
+                           plan_coactivation)
 from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, collinearity_gate, evaluate,
                         newton_recorder, newton_step, save_newton_result)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
 from .pairs import PairTable
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty, penalty_from_spec
-from .sources import (SAE, ActivationSource, DelphiLatents, DenseGates, TopKGates, load_sae, open_activations,
-                      open_gates, synth_gates)
+from .sources import (SAE, ActivationSource, DelphiGates, DelphiLatents, DenseGates, EncodedGates, SparseGates,
+                      TopKGates, encode_gates, load_sae, open_activations, open_gates, synth_gates)
 from .store import RunStore
 from .weights import Geometric, Linear, ReciprocalIter, ScalarWeightSchedule, resolve_learnable_weight
 
@@ -48,6 +49,8 @@ __all__ = [
     "connect",
     "DenseGates",
     "TopKGates",
+    "SparseGates",
+    "DelphiGates",
     "open_gates",
     "synth_gates",
     "DelphiLatents",
@@ -55,7 +58,10 @@ __all__ = [
     "load_sae",
     "ActivationSource",
     "open_activations",
+    "EncodedGates",
+    "encode_gates",
     "coactivation_stats",
+    "RelativeThreshold",
     "open_stats",
     "merge_stats",
     "CoactivationStats",

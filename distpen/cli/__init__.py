@@ -1,7 +1,7 @@
 """The ``distpen`` command.
 
 One module per command group, each with a ``register(subparsers)``: :mod:`.demo` (``demo``),
-:mod:`.stats` (``synth``, ``coactivation``, ``pairs``, ``status``) and :mod:`.penalty`
+:mod:`.stats` (``synth``, ``coactivation``, ``pairs``, ``status``), :mod:`.encode` (``encode``) and :mod:`.penalty`
 (``evaluate``, ``assemble``, ``newton``); :mod:`._common` holds what they share.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import demo, penalty, stats
+from . import demo, encode, penalty, stats
 from ._common import dispatch
 
 __all__ = ["main", "build_parser", "dispatch"]
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo.register(sub)
     stats.register(sub)
+    encode.register(sub)
     penalty.register(sub)
     return parser
 

@@ -35,10 +35,11 @@ def run_synth(args) -> int:
 
 def run_coactivation(args) -> int:
     from ..coactivation.job import coactivation_stats
-    from ..sources.gates import open_gates
     from ..store import check_workers_see, is_url, staged_store
+    from .encode import fire_threshold_from, gates_from_args
 
-    gates = open_gates(args.gates)
+    gates, sae = gates_from_args(args)  # opened and checked before any work
+    threshold = fire_threshold_from(args.fire_threshold, sae)
     client = client_for(args)
     bar = Bar("coactivation", "tok", args.quiet)
 
@@ -52,7 +53,8 @@ def run_coactivation(args) -> int:
             if is_url(args.out):
                 check_workers_see(client, out)
             st = coactivation_stats(gates, out, row_chunk=args.row_chunk, tile=args.tile,
-                                    split_every=args.split_every, overwrite=args.overwrite,
+                                    split_every=args.split_every, fire_threshold=threshold,
+                                    overwrite=args.overwrite,
                                     progress=progress, client=client)
             p = st._job.progress()
     finally:
@@ -201,7 +203,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_synth)
 
     p = subparsers.add_parser("coactivation", help="co-activation statistics of gates into a run store")
-    p.add_argument("gates", help="gates Zarr group (from `distpen synth`) or a 2-D Zarr array; a path or fsspec URL")
+    p.add_argument("gates", help="gates Zarr group (from `distpen synth` or `distpen encode`), a 2-D Zarr array, "
+                                 "a delphi latent cache directory, or (with --sae) activations to encode; "
+                                 "a path or fsspec URL")
+    p.add_argument("--sae", default=None, help="SAE checkpoint folder: encode the activations GATES on the workers")
+    p.add_argument("--key", default=None, help="with --sae: the tensor or column holding the activations")
+    p.add_argument("--fire-threshold", default=None, metavar="T",
+                   help="a gate at or below T counts as zero: a number, relative:RHO (RHO times the token's "
+                        "largest gate) or sae (the --sae JumpReLU thresholds); default 0")
     p.add_argument("--out", required=True,
                    help="statistics run store (Zarr group): a path, or an fsspec URL (s3://, gs://...) staged "
                         "through a local directory the workers share (DISTPEN_STAGING_DIR)")

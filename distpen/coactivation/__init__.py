@@ -25,8 +25,8 @@ Modules, in the order data flows through them:
 from .forecast import CoactivationPlan, plan_coactivation
 from .job import coactivation_stats
 from .merge import merge_stats
-from .plan import STAGE
+from .plan import STAGE, RelativeThreshold
 from .stats import MEASURES, CoactivationStats, Tile, open_stats
 
 __all__ = ["coactivation_stats", "open_stats", "merge_stats", "CoactivationStats", "Tile", "MEASURES", "STAGE",
-           "plan_coactivation", "CoactivationPlan"]
+           "plan_coactivation", "CoactivationPlan", "RelativeThreshold"]

@@ -40,6 +40,10 @@ __all__ = [
     "dense_scan",
     "dense_to_csr",
     "topk_block_csr",
+    "sparse_block_csr",
+    "threshold_args",
+    "dense_threshold",
+    "dense_row_max",
     "scatter_pairs",
     "scatter_group",
     "ScatterWorkspace",
@@ -200,14 +204,60 @@ def dense_vector_stats(x: np.ndarray, fire: np.ndarray, gsum: np.ndarray, gsq: n
 
 
 # ----------------------------------------------------------------------------- top-k gates
+#: firing-threshold modes of the kernels that build sparse rows (see :func:`threshold_args`)
+THR_SCALAR, THR_PER_ATOM, THR_RELATIVE = 0, 1, 2
+#: the default threshold: a gate fires when it is > 0
+NO_THRESHOLD = (THR_SCALAR, 0.0, np.zeros(1))
+
+
+def threshold_args(threshold) -> tuple:
+    """``(mode, value, vector)`` of a firing threshold for the kernels (None: the default, > 0).
+
+    ``threshold`` is ``("scalar", t)``, ``("per_atom", array of shape (K,))`` or
+    ``("relative", rho)``; a gate ``g`` of atom ``a`` on row ``r`` fires when ``g > t``,
+    ``g > vector[a]`` or ``g > rho · max_b g[r, b]`` respectively.
+    """
+    if threshold is None:
+        return NO_THRESHOLD
+    kind, arg = threshold
+    if kind == "scalar":
+        return THR_SCALAR, float(arg), np.zeros(1)
+    if kind == "per_atom":
+        return THR_PER_ATOM, 0.0, np.ascontiguousarray(arg, dtype=np.float64)
+    if kind == "relative":
+        return THR_RELATIVE, float(arg), np.zeros(1)
+    raise ValueError(f"unknown threshold kind {kind!r}")
+
+
+def is_default_threshold(thr: tuple) -> bool:
+    return thr[0] == THR_SCALAR and thr[1] == 0.0
+
+
 @njit(**_OPTS)
-def _topk_rows_csr(idx, val, lo, hi, k_atoms, indptr, cols, vals):
-    """Each row's selected slots, insertion-sorted by atom (``k`` is small), into CSR arrays."""
+def _cut(mode, value, vec, a, row_max):
+    """The threshold a gate of atom ``a`` must exceed on a row whose largest gate is ``row_max``."""
+    if mode == THR_PER_ATOM:
+        return vec[a]
+    if mode == THR_RELATIVE:
+        return value * row_max
+    return value
+
+
+@njit(**_OPTS)
+def _topk_rows_csr(idx, val, lo, hi, k_atoms, mode, tval, tvec, indptr, cols, vals):
+    """Each row's selected slots, insertion-sorted by atom (``k`` is small), into CSR arrays;
+    entries at or below the firing threshold are left out (after validation)."""
     rows, k = idx.shape
     ti = np.empty(k, dtype=np.int64)
     tv = np.empty(k, dtype=np.float64)
     p = 0
     for r in range(rows):
+        row_max = 0.0
+        if mode == THR_RELATIVE:  # over every slot of the row, whatever the span
+            for s in range(k):
+                v = np.float64(val[r, s])
+                if idx[r, s] >= 0 and v > row_max:
+                    row_max = v
         m = 0
         for s in range(k):
             a = np.int64(idx[r, s])
@@ -235,15 +285,17 @@ def _topk_rows_csr(idx, val, lo, hi, k_atoms, indptr, cols, vals):
             tv[t] = v
             m += 1
         for t in range(m):
-            cols[p] = ti[t]
-            vals[p] = tv[t]
-            p += 1
+            if tv[t] > _cut(mode, tval, tvec, ti[t], row_max):
+                cols[p] = ti[t]
+                vals[p] = tv[t]
+                p += 1
         indptr[r + 1] = p
     return _OK, -1, p, 0.0
 
 
 def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: int, row0: int = 0,
-                   rows: tuple[int, int] | None = None, workspace: ScatterWorkspace | None = None):
+                   rows: tuple[int, int] | None = None, workspace: ScatterWorkspace | None = None,
+                   threshold: tuple = NO_THRESHOLD):
     """Sparse rows of the top-k entries whose atom lies in ``[lo, hi)``, sorted by atom.
 
     Empty slots (index −1 or value 0) are skipped. Every slot's index is range-checked, whether or
@@ -262,6 +314,8 @@ def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: 
         The row chunk to name in an error.
     workspace : ScatterWorkspace, optional
         Buffers to build the result in; it is then valid only until the workspace's next use.
+    threshold : tuple, optional
+        A firing threshold from :func:`threshold_args`; entries at or below it are left out.
 
     Returns
     -------
@@ -287,13 +341,184 @@ def topk_block_csr(idx: np.ndarray, val: np.ndarray, lo: int, hi: int, k_atoms: 
         cols = workspace.get(f"csr_cols_{np.dtype(cdt).name}", idx.size, cdt)
         vals = workspace.get(f"csr_vals_{np.dtype(vdt).name}", idx.size, vdt)
     indptr[0] = 0
-    code, r, a, v = _topk_rows_csr(idx, val, lo, hi, k_atoms, indptr, cols, vals)
+    mode, tval, tvec = threshold
+    code, r, a, v = _topk_rows_csr(idx, val, lo, hi, k_atoms, mode, tval, tvec, indptr, cols, vals)
     if code != _OK:
         what = "top-k index" if code == _RANGE else "top-k gate"
         value = int(a) if code in (_RANGE, _REPEAT) else float(v)
         raise BadGate(code, row0 + r, int(a), value).error(rows or (row0, row0 + n), what)
     p = int(indptr[n])
     return indptr, cols[:p], vals[:p]
+
+
+# ----------------------------------------------------------------------------- CSR gates
+@njit(**_OPTS)
+def _sparse_rows_csr(ip, ind, val, lo, hi, k_atoms, mode, tval, tvec, indptr, cols, vals, ti, tv):
+    """Validate CSR rows, sort each by atom (stable merge sort when not already sorted), reject a
+    repeated atom, and emit the entries of atoms ``[lo, hi)`` above the firing threshold."""
+    rows = ip.shape[0] - 1
+    p = 0
+    for r in range(rows):
+        p0, p1 = ip[r], ip[r + 1]
+        m = 0
+        ordered = True
+        row_max = 0.0
+        for q in range(p0, p1):
+            a = np.int64(ind[q])
+            v = np.float64(val[q])
+            if a < 0 or a >= k_atoms:
+                return _RANGE, r, a, v
+            if v != v:
+                return _NAN, r, a, v
+            if v < 0.0:
+                return _NEG, r, a, v
+            if v == np.inf:
+                return _INF, r, a, v
+            if v == 0.0:  # an explicitly stored zero: no entry
+                continue
+            if m > 0 and ti[m - 1] >= a:
+                ordered = False
+            if v > row_max:
+                row_max = v
+            ti[m] = a
+            tv[m] = v
+            m += 1
+        if not ordered:
+            order = np.argsort(ti[:m], kind="mergesort")
+            si = ti[:m][order]
+            sv = tv[:m][order]
+            for t in range(m):
+                ti[t] = si[t]
+                tv[t] = sv[t]
+            for t in range(1, m):
+                if ti[t] == ti[t - 1]:
+                    return _REPEAT, r, ti[t], tv[t]
+        for t in range(m):
+            a = ti[t]
+            if a >= lo and a < hi and tv[t] > _cut(mode, tval, tvec, a, row_max):
+                cols[p] = a
+                vals[p] = tv[t]
+                p += 1
+        indptr[r + 1] = p
+    return _OK, -1, p, 0.0
+
+
+def sparse_block_csr(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, lo: int, hi: int,
+                     k_atoms: int, row0: int = 0, rows: tuple[int, int] | None = None,
+                     workspace: ScatterWorkspace | None = None, threshold: tuple = NO_THRESHOLD):
+    """Validated sparse rows (sorted by atom) of the CSR entries whose atom lies in ``[lo, hi)``.
+
+    The CSR form of the kernels from raw CSR input, whose rows may be in any order. Explicitly
+    stored zeros are dropped; every entry's index and value are checked, whether or not its atom
+    falls in ``[lo, hi)``.
+
+    Parameters
+    ----------
+    indptr : array of shape (n_rows + 1,), integer, non-decreasing, ``indptr[0] == 0``
+    indices : array of shape (indptr[-1],), integer
+    values : array of shape (indptr[-1],), float32 or float64
+    lo, hi, k_atoms, row0, rows, workspace, threshold
+        As in :func:`topk_block_csr`.
+
+    Returns
+    -------
+    indptr, cols, vals
+        As :func:`topk_block_csr` returns them.
+
+    Raises
+    ------
+    GateDataError
+        On an index outside ``[0, k_atoms)``, a NaN/inf/negative value, or an atom repeated within
+        a row (row and atom named).
+    """
+    n = indptr.shape[0] - 1
+    cdt, vdt = csr_dtypes(k_atoms, values.dtype)
+    nnz = int(indptr[-1]) if n >= 0 else 0
+    if nnz == 0:
+        return np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=cdt), np.zeros(0, dtype=vdt)
+    ip = np.ascontiguousarray(indptr, dtype=np.int64)
+    width = int(np.diff(ip).max())
+    if workspace is None:
+        out_ip = np.empty(n + 1, dtype=np.int64)
+        cols = np.empty(nnz, dtype=cdt)
+        vals = np.empty(nnz, dtype=vdt)
+    else:
+        out_ip = workspace.get("csr_indptr", n + 1, np.int64)
+        cols = workspace.get(f"csr_cols_{np.dtype(cdt).name}", nnz, cdt)
+        vals = workspace.get(f"csr_vals_{np.dtype(vdt).name}", nnz, vdt)
+    out_ip[0] = 0
+    ti = np.empty(width, dtype=np.int64)
+    tv = np.empty(width, dtype=np.float64)
+    mode, tval, tvec = threshold
+    code, r, a, v = _sparse_rows_csr(ip, np.ascontiguousarray(indices), np.ascontiguousarray(values),
+                                     lo, hi, k_atoms, mode, tval, tvec, out_ip, cols, vals, ti, tv)
+    if code != _OK:
+        what = "CSR index" if code == _RANGE else "CSR gate"
+        value = int(a) if code in (_RANGE, _REPEAT) else float(v)
+        err = BadGate(code, row0 + r, int(a), value)
+        if code == _RANGE:
+            rr = rows or (row0, row0 + n)
+            raise GateDataError(
+                f"{what} at row {err.row} is {err.atom}, outside [0, {k_atoms}) (row chunk "
+                f"[{rr[0]}, {rr[1]})); CSR indices must be atom ids in [0, k_atoms)")
+        raise err.error(rows or (row0, row0 + n), what)
+    p = int(out_ip[n])
+    return out_ip, cols[:p], vals[:p]
+
+
+# ----------------------------------------------------------------------------- thresholds on dense blocks
+@njit(**_OPTS)
+def _row_max(x, out):
+    rows, ncol = x.shape
+    for r in range(rows):
+        m = 0.0
+        for c in range(ncol):
+            v = np.float64(x[r, c])
+            if v > m:
+                m = v
+        out[r] = m
+
+
+def dense_row_max(x: np.ndarray) -> np.ndarray:
+    """Largest gate of each row of a dense block (0 for an empty row; NaN is ignored)."""
+    out = np.zeros(x.shape[0], dtype=np.float64)
+    if x.size:
+        _row_max(x, out)
+    return out
+
+
+@njit(**_OPTS)
+def _dense_threshold(x, col0, mode, tval, tvec, row_max):
+    rows, ncol = x.shape
+    for r in range(rows):
+        for c in range(ncol):
+            v = x[r, c]
+            if v != 0.0:
+                if v != v:
+                    return _NAN, r, c
+                if v < 0.0:
+                    return _NEG, r, c
+                if v == np.inf:
+                    return _INF, r, c
+                if np.float64(v) <= _cut(mode, tval, tvec, col0 + c, row_max[r]):
+                    x[r, c] = 0.0
+    return _OK, -1, -1
+
+
+def dense_threshold(x: np.ndarray, col0: int, threshold: tuple, row_max: np.ndarray | None = None,
+                    row0: int = 0, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Zero, in place, the gates of a dense block at or below the firing threshold (after checking
+    every gate: a NaN, ±inf or negative gate raises :class:`GateDataError`). ``row_max`` is each
+    row's largest gate over *every* atom (needed by a relative threshold). Returns ``x``."""
+    if x.size == 0:
+        return x
+    mode, tval, tvec = threshold
+    if row_max is None:
+        row_max = np.zeros(x.shape[0]) if mode != THR_RELATIVE else dense_row_max(x)
+    code, r, c = _dense_threshold(x, col0, mode, tval, tvec, row_max)
+    if code != _OK:
+        raise _dense_error(code, r, c, x, row0, col0, rows)
+    return x
 
 
 # ----------------------------------------------------------------------------- scatter route

@@ -76,7 +76,7 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
                     part["rows"] += r1 - r0
                     continue
             if plan["form"] == "dense":
-                x = np.ascontiguousarray(_slice(data, base, r0, r1, lo, hi))
+                x = _dense_block(plan, data, base, r0, r1, lo, hi)
                 nnz, csr = ker.dense_scan_stats(x, T, col_fire, col_gsum, col_gsq, r0, lo, rows, workspace=ws)
                 scatter, blas = [], []
                 for s, (i, j) in enumerate(local):
@@ -104,7 +104,10 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
                         ker.blas_tile(conv[i][0], conv[i][1], conv[j][0], conv[j][1], part["sum"][s], part["cnt"][s])
                 del x, conv
             else:
-                csr = _topk_chunk(plan, data, base, r0, r1, lo, hi, ws)
+                if plan["form"] == "topk":
+                    csr = _topk_chunk(plan, data, base, r0, r1, lo, hi, ws)
+                else:
+                    csr = _sparse_chunk(plan, data, r0, r1, lo, hi, ws)
                 for d0, d1 in diag_runs:  # one pass over the rows per run of consecutive diagonal blocks
                     b0, b1 = diag_blocks[d0], diag_blocks[d1 - 1] + 1
                     ker.csr_vector_stats(csr, b0 * T, min(K, b1 * T), part["fire"][d0:d1].reshape(-1),
@@ -174,16 +177,63 @@ def _topk_chunk(plan: dict, data, base, r0: int, r1: int, lo: int, hi: int, ws):
     def build(keep):
         idx = _slice(idata, ibase, r0, r1)
         val = _slice(vdata, vbase, r0, r1)
+        thr = _threshold(plan)
         if keep:  # fresh arrays sized by the slots, kept as they are (empty slots are few)
-            csr = ker.topk_block_csr(idx, val, 0, K, K, row0=r0, rows=(r0, r1))
+            csr = ker.topk_block_csr(idx, val, 0, K, K, row0=r0, rows=(r0, r1), threshold=thr)
             return csr, csr
-        return ker.topk_block_csr(idx, val, lo, hi, K, row0=r0, rows=(r0, r1), workspace=ws), None
+        return ker.topk_block_csr(idx, val, lo, hi, K, row0=r0, rows=(r0, r1), workspace=ws,
+                                  threshold=thr), None
 
     if plan.get("cache_key") is None:
         return build(False)[0]
     n_slots = (r1 - r0) * _row_width(idata)
     cdt, vdt = ker.csr_dtypes(K, vdata.dtype)
     need = n_slots * (np.dtype(cdt).itemsize + np.dtype(vdt).itemsize) + 8 * (r1 - r0 + 1)
+    return _cached_chunk((plan["cache_key"], r0, r1), need, plan.get("cache_bytes", 0), build)
+
+
+def _threshold(plan: dict) -> tuple:
+    """The kernels' firing threshold of the job (``plan["threshold"]``: see ``check_fire_threshold``)."""
+    return ker.threshold_args(plan.get("threshold"))
+
+
+def _dense_block(plan: dict, data, base, r0: int, r1: int, lo: int, hi: int) -> np.ndarray:
+    """Atoms ``[lo, hi)`` of a dense row chunk, C-contiguous, with the firing threshold applied
+    (on a copy: the input may be a worker's shared array). A relative threshold is taken over
+    every atom of a row, so the whole rows are read for it."""
+    thr = plan.get("threshold")
+    if thr is None:
+        return np.ascontiguousarray(_slice(data, base, r0, r1, lo, hi))
+    args = ker.threshold_args(thr)
+    if args[0] == ker.THR_RELATIVE:
+        full = _slice(data, base, r0, r1)
+        row_max = ker.dense_row_max(np.ascontiguousarray(full))
+        x = np.array(full[:, lo:hi], order="C", copy=True)
+    else:
+        row_max = None
+        x = np.array(_slice(data, base, r0, r1, lo, hi), order="C", copy=True)
+    return ker.dense_threshold(x, lo, args, row_max, row0=r0, rows=(r0, r1))
+
+
+def _sparse_chunk(plan: dict, source, r0: int, r1: int, lo: int, hi: int, ws):
+    """Validated sparse rows of a CSR-form row chunk (``source.csr_rows``), sorted by atom, with the
+    firing threshold applied: from this worker's chunk cache, or read (see :func:`_topk_chunk`)."""
+    K = plan["k_atoms"]
+    thr = _threshold(plan)
+
+    def build(keep):
+        ip, ind, val = source.csr_rows(r0, r1)
+        if keep:
+            csr = ker.sparse_block_csr(ip, ind, val, 0, K, K, row0=r0, rows=(r0, r1), threshold=thr)
+            csr = tuple(np.array(a) for a in csr)  # trimmed copies: the cache keeps only these
+            return csr, csr
+        return ker.sparse_block_csr(ip, ind, val, lo, hi, K, row0=r0, rows=(r0, r1), workspace=ws,
+                                    threshold=thr), None
+
+    if plan.get("cache_key") is None:
+        return build(False)[0]
+    cdt, vdt = ker.csr_dtypes(K, source.dtype)
+    need = (r1 - r0) * source.row_width() * (np.dtype(cdt).itemsize + np.dtype(vdt).itemsize) + 8 * (r1 - r0 + 1)
     return _cached_chunk((plan["cache_key"], r0, r1), need, plan.get("cache_bytes", 0), build)
 
 
@@ -203,7 +253,7 @@ def _dense_chunk(plan: dict, data, base, r0: int, r1: int, ws):
     K = plan["k_atoms"]
 
     def build(keep):
-        x = np.ascontiguousarray(_slice(data, base, r0, r1))
+        x = _dense_block(plan, data, base, r0, r1, 0, K)
         scratch = (np.zeros(K, dtype=np.int64), np.zeros(K), np.zeros(K))  # vectors come from the rows
         _, csr = ker.dense_scan_stats(x, K, *scratch, r0, 0, (r0, r1), workspace=ws)
         if not keep:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -25,23 +26,24 @@ from ..store import RunStore, local_store_path
 from . import _kernels as ker
 from ._store import _RESUME_HINT, _json_roundtrip, _prepare_store
 from ._tasks import _combine, _finalize, _leaf, _leaf_and_finalize, _release_worker_buffers
-from .plan import (_check_split_every, choose_parameters, default_row_chunk, _FORMAT_VERSION, _group_tiles,
-                   _MIN_STREAM_GROUPS, _parse_unit, _sample_density, _sources, _SPARSE_DENSITY, STAGE, _tiles,
-                   _unit)
+from .plan import (_check_split_every, check_fire_threshold, choose_parameters, default_row_chunk, _FORMAT_VERSION,
+                   _group_tiles, _MIN_STREAM_GROUPS, _parse_unit, _sample_density, _sources, _SPARSE_DENSITY, STAGE,
+                   _tiles, _unit)
 from .stats import CoactivationStats
 
 __all__ = ["coactivation_stats"]
 
 
-def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=None, overwrite=False,
-                       progress=None, client=None, _units=None, _fail_units=()):
+def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=None, fire_threshold=0.0,
+                       overwrite=False, progress=None, client=None, _units=None, _fail_units=()):
     """Compute the co-activation sufficient statistics of ``gates`` into the Zarr run store ``out``.
 
     Parameters
     ----------
-    gates : DenseGates, TopKGates, path, or array of shape (n_tokens, k_atoms)
-        The gates (a plain 2-D float array is taken as dense gates; a path is opened with
-        :func:`~distpen.sources.open_gates`).
+    gates : DenseGates, TopKGates, SparseGates, DelphiGates, EncodedGates, path, or array of shape (n_tokens, k_atoms)
+        The gates (a plain 2-D float array is taken as dense gates, a ``scipy.sparse`` matrix as
+        :class:`~distpen.sources.SparseGates`; a path — a gates store or a delphi latent cache
+        directory — is opened with :func:`~distpen.sources.open_gates`).
     out : str or os.PathLike
         The run store (a Zarr group) to write; see :class:`CoactivationStats` for its layout.
     row_chunk : int, optional
@@ -55,6 +57,13 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         Default: see :func:`default_split_every` — every row chunk (one streaming task per tile
         group) when ``K`` is large enough for the tile groups alone to keep workers busy, else 4
         (when resuming, the stored value).
+    fire_threshold : float, array of shape (k_atoms,), RelativeThreshold or {"relative": rho}
+        A gate at or below its threshold counts as zero for every statistic (``pair_sum``,
+        ``pair_count``, ``fire_count``, ``gate_sum``, ``gate_sq_sum``): a scalar for every atom; one
+        per atom (e.g. a JumpReLU SAE's ``sae.threshold``); or ``RelativeThreshold(rho)`` (also
+        ``{"relative": rho}``), ``rho`` times the token's largest gate. Default 0.0: every
+        positive gate fires. Part of the job's identity: a store holding another threshold is
+        refused (``StoreConflictError``) unless ``overwrite``.
     overwrite : bool
         Replace whatever ``out`` holds. Without it, a store holding the same job is resumed (only
         missing tiles are computed) and a different job is refused.
@@ -99,6 +108,13 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     se_given = split_every is not None
     se = _check_split_every(split_every)
     N, K = g.n_tokens, g.k_atoms
+    threshold, threshold_spec = check_fire_threshold(fire_threshold, K)
+    align = int(getattr(g, "row_align", 1) or 1)
+    if row_chunk is not None and align > 1 and row_chunk % align and row_chunk < N:
+        raise InvalidArgumentError(
+            f"row_chunk = {row_chunk} is not a whole number of sequences: these gates have "
+            f"{align} tokens per sequence, so row_chunk must be a multiple of {align}"
+        )
     inputs = g.input_spec()
 
     if not overwrite and (row_chunk is None or tile is None or not se_given):
@@ -116,15 +132,19 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     sparse = None
     if not se_given:  # dense gates: sample the first row chunk's density
         rc0 = min(row_chunk, N) if row_chunk is not None else default_row_chunk(mem, g, se)
-        sparse = g.form == "topk" or _sample_density(g, rc0) <= _SPARSE_DENSITY
+        sparse = g.form != "dense" or _sample_density(g, rc0) <= _SPARSE_DENSITY
     prm = choose_parameters(mem, g, row_chunk, tile, se if se_given else None, sparse)
     rc, se, fan, T, nb = prm["row_chunk"], prm["split_every"], prm["fan_in"], prm["tile"], prm["n_blocks"]
     all_tiles = _tiles(nb)
     units = [_unit(i, j) for i, j in all_tiles]
+    params = {"row_chunk": rc, "tile": T, "split_every": se}
+    if threshold_spec is not None:  # absent for the default, so earlier stores keep their identity
+        params["fire_threshold"] = threshold_spec
     spec = {"kind": "coactivation", "version": _FORMAT_VERSION, "inputs": inputs,
-            "n_tokens": N, "k_atoms": K, "params": {"row_chunk": rc, "tile": T, "split_every": se}}
+            "n_tokens": N, "k_atoms": K, "params": params}
     meta = {"n_tokens": N, "k_atoms": K, "tile": T, "row_chunk": rc, "split_every": se,
-            "gates_form": g.form, "gates_dtype": str(g.dtype)}
+            "gates_form": g.form, "gates_dtype": str(g.dtype),
+            "fire_threshold": threshold_spec or {"kind": "scalar", "value": 0.0}}
     _, job = _prepare_store(out, spec, units, meta, overwrite)
 
     pending = [_parse_unit(u) for u in job.pending()]
@@ -136,9 +156,17 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     # pair products bucketed per scatter pass (12 bytes each): at most 1/10 of a worker's memory
     scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (10 * 12))))
     # when every group reads every chunk, workers keep the sparse rows they read, within 1/8 of memory
-    cache_key = job.fingerprint if streaming and len(groups) > 1 else None
+    # (CSR-form sources always: their rows cost a read, a decode or an encode each time)
+    cache_key = job.fingerprint if len(groups) > 1 and (streaming or g.form == "sparse") else None
     cache_bytes = int(mem // 8)
-    chunks = _sources(g, rc, client)
+    scattered = None
+    if g.form == "sparse" and groups:
+        try:
+            g, scattered = _prepare_source(g, out, len(groups), rc, client)
+        except BaseException as exc:
+            job.fail(f"{type(exc).__name__}: {exc}")
+            raise
+    chunks = _sources(g, rc, client, scattered)
     R = len(chunks)
     n_leaves = math.ceil(R / se)
     n_run = len(pending)
@@ -179,7 +207,7 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         blocks = sorted({b for t in tiles for b in t})
         diag = sorted(i for i, j in tiles if i == j)
         plan = {"tile": T, "k_atoms": K, "tiles": tiles, "span": (blocks[0], blocks[-1] + 1),
-                "diag_blocks": diag, "form": g.form, "scatter_pairs": scatter_pairs,
+                "diag_blocks": diag, "form": g.form, "scatter_pairs": scatter_pairs, "threshold": threshold,
                 "cache_key": cache_key, "cache_bytes": cache_bytes,
                 "cnt_dtype": np.dtype(ker.count_dtype(N)).name}
         tok = tokenize(fp, tiles, rc, se)
@@ -253,5 +281,31 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     finally:
         _release_worker_buffers(client)
     job.finish(units_computed=state["computed"])
+    if not job.pending():
+        shutil.rmtree(scratch_dir(out), ignore_errors=True)
     report(force=True)
     return CoactivationStats(out, allow_incomplete=_units is not None)
+
+
+def scratch_dir(out: str) -> str:
+    """The job's scratch directory, inside the run store (so every worker that sees ``out`` sees
+    it): delphi shard indexes, spilled encoded chunks. Removed when the job completes."""
+    return os.path.join(out, "_distpen", STAGE, "scratch")
+
+
+def _prepare_source(g, out: str, passes: int, row_chunk: int, client):
+    """The source the job reads and its future on the cluster (it is sent once), after the
+    source's one-off calls (``job_source``) ran on the workers, one task each (e.g. indexing each
+    delphi shard once)."""
+    scratch = scratch_dir(out)
+    os.makedirs(scratch, exist_ok=True)
+    src, calls = g.job_source(scratch, passes, row_chunk)
+    fut = client.scatter(src, broadcast=False, hash=True)  # once: the job's row chunks read it too
+    if calls:
+        futs = [client.submit(fn, fut, *args, pure=False) for fn, *args in calls]
+        try:
+            client.gather(futs)
+        finally:
+            for f in futs:
+                f.cancel()
+    return src, fut

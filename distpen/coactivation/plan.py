@@ -78,6 +78,7 @@ def default_row_chunk(memory_limit: int, gates, split_every: int) -> int:
     input's chunks. Depends on ``N`` and the memory limit, not on the number of workers."""
     width = gates.row_width()
     per_row = 24 * width if gates.form == "dense" else 40 * width
+    per_row = max(per_row, int(getattr(gates, "bytes_per_row", 0) or 0))  # e.g. activations to encode
     rc = max(1, int(memory_limit / 8 / per_row))
     rc = min(rc, max(1, math.ceil(gates.n_tokens / (8 * split_every))), _MAX_ROW_CHUNK)
     hint = gates.row_chunk_hint()
@@ -85,6 +86,9 @@ def default_row_chunk(memory_limit: int, gates, split_every: int) -> int:
         rc = (rc // hint) * hint
     elif hint and hint * per_row <= memory_limit / 4:
         rc = hint  # one stored chunk per row chunk: never decompress a chunk twice
+    align = int(getattr(gates, "row_align", 1) or 1)
+    if align > 1:  # whole sequences per chunk
+        rc = max(align, (rc // align) * align)
     return int(min(rc, gates.n_tokens))
 
 
@@ -101,8 +105,84 @@ def _parse_unit(u: str):
     return int(a), int(b)
 
 
+# ============================================================================ firing thresholds
+class RelativeThreshold:
+    """A firing threshold relative to each token's largest gate: atom ``a`` fires on token ``n``
+    when ``g[n, a] > rho · max_b g[n, b]`` (``0 ≤ rho < 1``).
+
+    Examples
+    --------
+    >>> RelativeThreshold(1e-3)
+    RelativeThreshold(0.001)
+    """
+
+    __slots__ = ("rho",)
+
+    def __init__(self, rho):
+        from .._validation import check_finite_scalar
+
+        rho = check_finite_scalar(rho, "relative fire_threshold rho")
+        if not 0 <= rho < 1:
+            raise InvalidArgumentError(
+                f"a relative fire_threshold needs 0 ≤ rho < 1 (a fraction of the token's largest gate), "
+                f"got {rho}"
+            )
+        self.rho = float(rho)
+
+    def __repr__(self) -> str:
+        return f"RelativeThreshold({self.rho!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, RelativeThreshold) and other.rho == self.rho
+
+    def __hash__(self):
+        return hash(("RelativeThreshold", self.rho))
+
+
+def check_fire_threshold(fire_threshold, k_atoms: int):
+    """Normalise ``fire_threshold`` to ``(kernel threshold, spec)``; ``spec`` is None for the default.
+
+    Accepted: a scalar ``t ≥ 0``; an array of shape ``(k_atoms,)`` of finite values ≥ 0 (a JumpReLU
+    SAE's ``threshold``); :class:`RelativeThreshold` or ``{"relative": rho}``.
+    """
+    import hashlib
+
+    from .._validation import check_finite_scalar
+
+    if isinstance(fire_threshold, dict):
+        if set(fire_threshold) != {"relative"}:
+            raise InvalidArgumentError(
+                f"fire_threshold as a dict must be {{'relative': rho}}, got keys {sorted(fire_threshold)}"
+            )
+        fire_threshold = RelativeThreshold(fire_threshold["relative"])
+    if isinstance(fire_threshold, RelativeThreshold):
+        return ("relative", fire_threshold.rho), {"kind": "relative", "rho": fire_threshold.rho}
+    if np.ndim(fire_threshold) == 0:
+        t = check_finite_scalar(fire_threshold, "fire_threshold")
+        if t < 0:
+            raise InvalidArgumentError(f"fire_threshold must be ≥ 0 (gates are ≥ 0), got {t}")
+        if t == 0:
+            return None, None
+        return ("scalar", float(t)), {"kind": "scalar", "value": float(t)}
+    arr = np.asarray(fire_threshold)
+    if arr.dtype.kind not in "fiu":
+        raise InvalidArgumentError(f"fire_threshold array has dtype {arr.dtype}; expected floats")
+    arr = arr.astype(np.float64)
+    if arr.shape != (k_atoms,):
+        raise InvalidArgumentError(
+            f"fire_threshold array has shape {arr.shape}; expected one threshold per atom, ({k_atoms},)"
+        )
+    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
+    if bad.size:
+        raise InvalidArgumentError(
+            f"fire_threshold[{int(bad[0])}] is {arr[bad[0]]}; per-atom thresholds must be finite and ≥ 0"
+        )
+    digest = hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()
+    return ("per_atom", arr), {"kind": "per_atom", "n": int(k_atoms), "blake2b": digest}
+
+
 # ============================================================================ planning
-def _sources(gates, row_chunk: int, client):
+def _sources(gates, row_chunk: int, client, scattered=None):
     """Per row chunk: ``(r0, r1, data, base)`` where a task reads ``data[r0-base:r1-base]``.
 
     Zarr arrays are read by the tasks themselves; numpy arrays are scattered to the workers once;
@@ -123,6 +203,9 @@ def _sources(gates, row_chunk: int, client):
         blocks = darr.to_delayed().ravel().tolist()
         return [(blk, r0) for blk, (r0, _) in zip(blocks, spans)]
 
+    if gates.form == "sparse":  # the source object itself, sent to the workers once
+        fut = scattered if scattered is not None else client.scatter(gates, broadcast=False, hash=True)
+        return [(r0, r1, fut, 0) for r0, r1 in spans]
     if isinstance(gates, DenseGates):
         src = one(gates.array, gates.kind, gates.k_atoms)
         return [(r0, r1, d, b) for (r0, r1), (d, b) in zip(spans, src)]
@@ -205,7 +288,7 @@ def choose_parameters(memory_limit: int, gates, row_chunk=None, tile=None, split
     rc = min(row_chunk, N) if row_chunk is not None else default_row_chunk(memory_limit, gates, se)
     if split_every is None:
         if sparse is None:
-            sparse = gates.form == "topk"
+            sparse = gates.form != "dense"
         width = gates.row_width() * (np.dtype(gates.dtype).itemsize if gates.form == "dense" else 8)
         se = default_split_every(memory_limit, K, math.ceil(N / rc), tile, sparse, float(N) * width)
     fan = _fan_in(N, rc, se)

@@ -357,8 +357,11 @@ def open_activations(path_or_glob, *, key=None, storage_options=None) -> Activat
                 _glob.glob(os.path.join(folder, "*.arrow")):
             parts, d_in, dtype = _open_arrow_dir(folder, key)
             return ActivationSource(parts, d_in, dtype, so)
-    files = [f for f in _expand(path, so)
-             if f.endswith((".safetensors", ".npy", ".shard"))]
+    found = _expand(path, so)
+    missing = [f for f in found if not st.is_url(f) and not os.path.exists(f.removeprefix("file://"))]
+    if missing:
+        raise InvalidArgumentError(f"{missing[0]}: no such activation file or directory")
+    files = [f for f in found if f.endswith((".safetensors", ".npy", ".shard"))]
     if not files:
         raise InvalidArgumentError(
             f"{path}: no activation files (.safetensors, .npy, .shard) found; a SAELens cache "
