@@ -149,7 +149,9 @@ class EncodedGates:
         return ("distpen.EncodedGates", _canonical_spec(self.input_spec()))
 
     def row_chunk_hint(self) -> int | None:
-        return None
+        """4096 rows (the job's default row chunk aligns to it): smaller chunks make the encoder's
+        GEMMs and each pass's per-chunk work less efficient."""
+        return min(self.n_tokens, 4096)
 
     def row_width(self) -> int:
         """Entries per row: ``k`` for a TopK SAE, else an estimate."""
