@@ -149,7 +149,9 @@ class EncodedGates:
         return ("distpen.EncodedGates", _canonical_spec(self.input_spec()))
 
     def row_chunk_hint(self) -> int | None:
-        return None
+        """4096 rows (the job's default row chunk aligns to it): smaller chunks make the encoder's
+        GEMMs and each pass's per-chunk work less efficient."""
+        return min(self.n_tokens, 4096)
 
     def row_width(self) -> int:
         """Entries per row: ``k`` for a TopK SAE, else an estimate."""
@@ -283,11 +285,13 @@ def _encode_chunk(src: EncodedGates, out: str, job, c: int, r0: int, r1: int, fo
     return {"unit": f"c{c}", "rows": r1 - r0, "nnz": nnz}
 
 
-def default_encode_row_chunk(memory_limit: int, src: EncodedGates) -> int:
+def default_encode_row_chunk(memory_limit: int, src: EncodedGates, workers: int = 1) -> int:
     """Rows per chunk: a sixteenth of a worker's memory for the activations and the encoded rows,
-    at most 2¹⁸ rows and ``n_tokens``."""
+    at most 2¹⁸ rows, and small enough for 4 chunks per worker (but ≥ 4096 rows): every row is
+    encoded on its own, so the chunking changes no result, only how the work spreads."""
     per_row = src.bytes_per_row + 16 * src.row_width()
-    return int(max(1, min(src.n_tokens, 1 << 18, memory_limit // 16 // per_row)))
+    rc = min(1 << 18, memory_limit // 16 // per_row, max(4096, math.ceil(src.n_tokens / (4 * max(1, workers)))))
+    return int(max(1, min(src.n_tokens, rc)))
 
 
 def encode_gates(activations, sae, out, *, row_chunk=None, overwrite=False, progress=None, client=None,
@@ -363,7 +367,8 @@ def encode_gates(activations, sae, out, *, row_chunk=None, overwrite=False, prog
         shutil.rmtree(out) if os.path.isdir(out) else os.unlink(out)
     client = client or get_client()
     N, K = src.n_tokens, src.k_atoms
-    rc = min(row_chunk, N) if row_chunk else default_encode_row_chunk(worker_memory_limit(client), src)
+    rc = min(row_chunk, N) if row_chunk else default_encode_row_chunk(worker_memory_limit(client), src,
+                                                                       n_workers(client))
     n_chunks = math.ceil(N / rc)
     units = [f"c{i}" for i in range(n_chunks)]
     spec = {"kind": "encode", "version": _ENCODE_VERSION, "inputs": inputs, "form": form,
