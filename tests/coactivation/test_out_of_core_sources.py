@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 import distpen as dp
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _procs import time_limit  # noqa: E402,F401  (autouse: a hung test fails instead of stalling)
 from test_coactivation_stats import _rss_peak, _rss_sampler  # noqa: E402
 
 LIMIT = 300 * 2**20
@@ -65,7 +66,17 @@ def _run_measured(c, fn):
     return out
 
 
-def test_cache_larger_than_worker_memory(tmp_path):
+def warm_up(client, job):
+    """Run ``job`` once on the session's roomy workers: numba compiles the kernels there and writes
+    its disk cache, so the memory-limited workers below load compiled code instead of compiling
+    (compiling takes more than their limit on a fresh checkout, and a paused worker never resumes)."""
+    job(client)
+
+
+def test_cache_larger_than_worker_memory(client, tmp_path):
+    small = str(tmp_path / "small" / "layers.0")
+    _write_big_cache(small, 200, 16, 256, n_splits=16)
+    warm_up(client, lambda c: dp.coactivation_stats(small, tmp_path / "small-st", client=c))
     cache = str(tmp_path / "latents" / "layers.0")
     n_seq, ctx, width = 40_000, 128, 256
     fire = _write_big_cache(cache, n_seq, ctx, width, n_splits=16)
