@@ -247,7 +247,7 @@ def _peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def test_bounded_memory_assembly(tmp_path):
+def test_bounded_memory_assembly(client, tmp_path):
     """A worker limited to 600 MB assembles a 2 GB logical matrix (banded pairs) and evaluates it."""
     from distributed import Client, LocalCluster
 
@@ -265,6 +265,12 @@ def test_bounded_memory_assembly(tmp_path):
     n = beta.shape[0]
     tile = 2_000
     assert n * n * 8 > 3 * limit
+    # compile the kernels on the session's roomy workers first (numba's disk cache): on a fresh
+    # checkout, compiling inside the limited worker would count towards its peak memory
+    small = dp.DecoderIncoherencePenalty.from_pairs(pairs[:50], np.full(K, M), p, 1.0)
+    assemble_majorizer(small, beta, np.zeros(0), str(tmp_path / "warm-asm"), tile=tile)
+    evaluate(small, beta, np.zeros(0), ops=("value", "grad", "psd_majorizer_hvp"), v=v,
+             out=str(tmp_path / "warm-ev"), chunk=1_000)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit=limit,
                       dashboard_address=None) as cluster, Client(cluster) as c:
         H = assemble_majorizer(pen, beta, np.zeros(0), str(tmp_path / "asm"), tile=tile)
