@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import time
 
 import dask.array as da
@@ -244,7 +243,14 @@ def test_nested_majorizer_is_diagonal(client, tmp_path):
 
 
 def _peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory since its exec (``VmHWM``). Not ``ru_maxrss``: Linux
+    carries that across ``execve``, so a spawned worker would report the peak of the test process
+    it was forked from."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def test_bounded_memory_assembly(client, tmp_path):
