@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from ._parallel import run_chunks
 
 _BLOCK = 1 << 16
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _nblocks(n):
+    return (n + _BLOCK - 1) // _BLOCK
+
+
 def _first_nonfinite(x):
+    first = np.full(_nblocks(x.shape[0]), -1, dtype=np.int64)
+    run_chunks(_first_nonfinite_k, first.shape[0], x, first)
+    hit = first[first >= 0]
+    return int(hit[0]) if hit.size else -1
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _first_nonfinite_k(b0, b1, x, first):
     n = x.shape[0]
-    nb = (n + _BLOCK - 1) // _BLOCK
-    first = np.full(nb, -1, dtype=np.int64)
-    for b in prange(nb):
+    for b in range(b0, b1):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
         acc = 0.0
@@ -24,10 +35,6 @@ def _first_nonfinite(x):
                 if not np.isfinite(x[i]):
                     first[b] = i
                     break
-    for b in range(nb):
-        if first[b] >= 0:
-            return first[b]
-    return -1
 
 
 def first_nonfinite(x: np.ndarray) -> int:
@@ -38,22 +45,23 @@ def first_nonfinite(x: np.ndarray) -> int:
     return int(_first_nonfinite(x))
 
 
-@njit(parallel=True, cache=True, nogil=True)
 def _first_difference(a, b):
+    diff = np.zeros(_nblocks(a.shape[0]), dtype=np.bool_)
+    run_chunks(_first_difference_k, diff.shape[0], a, b, diff)
+    hit = np.flatnonzero(diff)
+    return int(hit[0]) if hit.size else -1
+
+
+@njit(cache=True, nogil=True)
+def _first_difference_k(b0, b1, a, b, diff):
     n = a.shape[0]
-    nb = (n + _BLOCK - 1) // _BLOCK
-    diff = np.zeros(nb, dtype=np.bool_)
-    for blk in prange(nb):
+    for blk in range(b0, b1):
         lo = blk * _BLOCK
         hi = min(n, lo + _BLOCK)
         d = 0
         for i in range(lo, hi):
             d |= a[i] ^ b[i]
         diff[blk] = d != 0
-    for blk in range(nb):
-        if diff[blk]:
-            return blk
-    return -1
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -10,22 +10,22 @@ __all__ = ["kernel_threads", "threads_per_task"]
 
 @contextlib.contextmanager
 def kernel_threads(n: int):
-    """Limit numba's parallel loops and BLAS to ``n`` threads inside the block.
+    """Limit the compiled kernels (:mod:`distpen._parallel`) and BLAS to ``n`` threads inside the block.
 
     Dask runs several tasks per machine; without a limit each task's kernels would start one
-    thread per core and oversubscribe it.
+    thread per core and oversubscribe it. The limit holds for the calling thread only.
     """
-    import numba
     from threadpoolctl import threadpool_limits
 
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(n)
+    from ._parallel import _default_threads, set_threads
+
+    n = max(1, min(int(n), _default_threads()))
+    previous = set_threads(n)
     try:
         with threadpool_limits(limits=n):
             yield n
     finally:
-        numba.set_num_threads(previous)
+        set_threads(previous)
 
 
 def threads_per_task(client) -> int:

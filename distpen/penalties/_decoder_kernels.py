@@ -9,12 +9,18 @@ Pairs come either as parallel arrays ``(pj, pk, pw)`` or as a directed CSR over 
 ``(indptr, nbr, wts)`` that lists every pair in both directions. Kernels that produce per-atom
 output iterate over source atoms in parallel: each thread owns the rows of its atoms, so there are
 no write races and no atomics, and every block ``B_a`` is read once per atom while its partners stream.
+
+Each public kernel is a Python function that allocates its output and runs a serial compiled
+``_…_k(c0, c1, …)`` over chunks on threads (:func:`distpen._parallel.run_chunks`); numba's own
+``parallel=True`` would compile every kernel several times over.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from .._parallel import run_chunks
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")
 _INL = dict(inline="always", **_OPTS)
@@ -143,6 +149,18 @@ def _gemm_acc(out, oa, ma, C, y, oy, my, p):
         r += 1
 
 
+@njit(**_OPTS)
+def _cross_call(x, ox, mx, y, oy, my, p, w, C):
+    """:func:`_cross` as a call (kernels that use it several times compile it once, not inlined each time)."""
+    _cross(x, ox, mx, y, oy, my, p, w, C)
+
+
+@njit(**_OPTS)
+def _gemm_acc_call(out, oa, ma, C, y, oy, my, p):
+    """:func:`_gemm_acc` as a call (see :func:`_cross_call`)."""
+    _gemm_acc(out, oa, ma, C, y, oy, my, p)
+
+
 _PAIR_CHUNK = 64
 _ATOM_CHUNK = 8
 
@@ -155,15 +173,23 @@ def _max_block(m):
     return mmax
 
 
-@njit(parallel=True, **_OPTS)
+def _chunks(n, size):
+    return (n + size - 1) // size
+
+
 def pair_sqnorms(beta, off, m, p, pj, pk):
     """``‖B_j B_kᵀ‖²_F`` for every pair."""
     n = pj.shape[0]
     out = np.empty(n)
-    mmax = _max_block(m)
-    nch = (n + _PAIR_CHUNK - 1) // _PAIR_CHUNK
-    for ch in prange(nch):
-        C = np.empty((mmax, mmax))
+    run_chunks(_pair_sqnorms_k, _chunks(n, _PAIR_CHUNK), beta, off, m, p, pj, pk, _max_block(m), out)
+    return out
+
+
+@njit(**_OPTS)
+def _pair_sqnorms_k(c0, c1, beta, off, m, p, pj, pk, mmax, out):
+    n = pj.shape[0]
+    C = np.empty((mmax, mmax))
+    for ch in range(c0, c1):
         for q in range(ch * _PAIR_CHUNK, min(n, ch * _PAIR_CHUNK + _PAIR_CHUNK)):
             j = pj[q]
             k = pk[q]
@@ -175,10 +201,8 @@ def pair_sqnorms(beta, off, m, p, pj, pk):
                 for c in range(mk):
                     s += C[r, c] * C[r, c]
             out[q] = s
-    return out
 
 
-@njit(parallel=True, **_OPTS)
 def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_base):
     """``out_a += scale · Σ_b w_ab (B_a B_bᵀ) B_b`` for every source atom ``a0 ≤ a < a1``.
 
@@ -186,9 +210,14 @@ def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_ba
     range ``[off[a0], off[a1])`` (``out_base = off[a0]``) or the whole vector (``out_base = 0``).
     The parallel loop runs over chunks of the range only.
     """
-    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
-    for ch in prange(nch):
-        C = np.empty((mmax, mmax))
+    run_chunks(_grad_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, off, m, p, indptr, nbr, wts, scale, out,
+               mmax, a0, a1, out_base)
+
+
+@njit(**_OPTS)
+def _grad_k(c0, c1, beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_base):
+    C = np.empty((mmax, mmax))
+    for ch in range(c0, c1):
         for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
             ma = m[a]
             oa = off[a]
@@ -198,7 +227,6 @@ def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_ba
                 _gemm_acc(out, oa - out_base, ma, C, beta, off[b], m[b], p)
 
 
-@njit(parallel=True, **_OPTS)
 def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1, out_base, inv):
     """Hessian-vector products for source atoms ``a0 ≤ a < a1`` (output placed as in :func:`grad_csr`).
 
@@ -208,10 +236,15 @@ def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1
     A non-empty ``inv`` (per-atom ``1/N_a``, see :func:`inverse_sqnorms`) makes the pair weight
     ``κ = W·inv_a·inv_b`` (the Gauss-Newton blocks of the normalised penalty; modes 0 and 2).
     """
-    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
-    for ch in prange(nch):
-        C = np.empty((mmax, mmax))
-        D = np.empty((mmax, mmax))
+    run_chunks(_hvp_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, v, off, m, p, indptr, nbr, wts, scale, mode,
+               out, mmax, a0, a1, out_base, inv)
+
+
+@njit(**_OPTS)
+def _hvp_k(c0, c1, beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1, out_base, inv):
+    C = np.empty((mmax, mmax))
+    D = np.empty((mmax, mmax))
+    for ch in range(c0, c1):
         for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
             ma = m[a]
             oa = off[a]
@@ -225,25 +258,30 @@ def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1
                     w = w * (inv[a] * inv[b])
                     if w == 0.0:
                         continue
-                _cross(beta, oa, ma, v, ob, mb, p, w, D)
+                _cross_call(beta, oa, ma, v, ob, mb, p, w, D)
                 if mode != 2:
-                    _cross(v, oa, ma, beta, ob, mb, p, w, C)
+                    _cross_call(v, oa, ma, beta, ob, mb, p, w, C)
                     for r in range(ma):
                         for c in range(mb):
                             D[r, c] += C[r, c]
-                _gemm_acc(out, ow, ma, D, beta, ob, mb, p)
+                _gemm_acc_call(out, ow, ma, D, beta, ob, mb, p)
                 if mode == 1:
-                    _cross(beta, oa, ma, beta, ob, mb, p, w, C)
-                    _gemm_acc(out, ow, ma, C, v, ob, mb, p)
+                    _cross_call(beta, oa, ma, beta, ob, mb, p, w, C)
+                    _gemm_acc_call(out, ow, ma, C, v, ob, mb, p)
 
 
-@njit(parallel=True, **_OPTS)
 def gn_diag_csr(beta, off, m, p, indptr, nbr, wts, scale, out, a0, a1, out_base, inv):
     """Diagonal of the Gauss-Newton matrix for atoms ``a0 ≤ a < a1``: every row of atom ``a`` gets
     ``diag(S_a) = scale · Σ_b w_ab Σ_c B_b[c, :]²`` (output placed as in :func:`grad_csr`; a
     non-empty ``inv`` weights each pair by ``inv_a·inv_b`` as in :func:`hvp_csr`)."""
-    for a in prange(a0, a1):
-        d = np.zeros(p)
+    run_chunks(_gn_diag_k, a1 - a0, beta, off, m, p, indptr, nbr, wts, scale, out, a0, out_base, inv)
+
+
+@njit(**_OPTS)
+def _gn_diag_k(c0, c1, beta, off, m, p, indptr, nbr, wts, scale, out, a0, out_base, inv):
+    d = np.empty(p)
+    for a in range(a0 + c0, a0 + c1):
+        d[:] = 0.0
         for e in range(indptr[a], indptr[a + 1]):
             b = nbr[e]
             w = wts[e] * scale
@@ -262,7 +300,6 @@ def gn_diag_csr(beta, off, m, p, indptr, nbr, wts, scale, out, a0, a1, out_base,
                 out[dst + o] = d[o]
 
 
-@njit(parallel=True, **_OPTS)
 def gn_offdiag_into(beta, off, m, p, pj, pk, pw, scale, out, r0, c0):
     """Add each pair's off-diagonal Gauss-Newton blocks into the tile ``out``.
 
@@ -270,9 +307,14 @@ def gn_offdiag_into(beta, off, m, p, pj, pk, pw, scale, out, r0, c0):
     full matrix; ``H[(j,a,o1),(k,b,o2)] += W·B_j[a,o2]·B_k[b,o1]`` and its transpose. Distinct pairs
     write disjoint blocks, so the parallel loop over pairs is race-free.
     """
+    run_chunks(_gn_offdiag_k, pj.shape[0], beta, off, m, p, pj, pk, pw, scale, out, r0, c0)
+
+
+@njit(**_OPTS)
+def _gn_offdiag_k(q0, q1, beta, off, m, p, pj, pk, pw, scale, out, r0, c0):
     nr = out.shape[0]
     nc = out.shape[1]
-    for q in prange(pj.shape[0]):
+    for q in range(q0, q1):
         w = pw[q] * scale
         for side in range(2):
             if side == 0:
@@ -312,12 +354,16 @@ def gn_offdiag_into(beta, off, m, p, pj, pk, pw, scale, out, r0, c0):
                         out[orow, dst + u] += f * beta[src + u]
 
 
-@njit(parallel=True, **_OPTS)
 def diag_blocks_into(S, atoms, off, m, p, scale, out, r0, c0):
     """Add ``scale · I_{M_a} ⊗ S_a`` for each atom ``a = atoms[i]`` (``S[i]`` is ``p × p``) into the tile ``out``."""
+    run_chunks(_diag_blocks_k, atoms.shape[0], S, atoms, off, m, p, scale, out, r0, c0)
+
+
+@njit(**_OPTS)
+def _diag_blocks_k(i0, i1, S, atoms, off, m, p, scale, out, r0, c0):
     nr = out.shape[0]
     nc = out.shape[1]
-    for i in prange(atoms.shape[0]):
+    for i in range(i0, i1):
         a = atoms[i]
         oa = off[a]
         for r in range(m[a]):
@@ -337,13 +383,17 @@ def diag_blocks_into(S, atoms, off, m, p, scale, out, r0, c0):
                     out[orow, dst + u] += scale * S[i, o1, src + u]
 
 
-@njit(parallel=True, **_OPTS)
 def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms, inv):
     """``S_a = Σ_b w_ab B_bᵀ B_b`` for each atom ``a`` in ``atoms``: array ``(len(atoms), p, p)``
     (a non-empty ``inv`` weights each pair by ``inv_a·inv_b`` as in :func:`hvp_csr`)."""
-    n = atoms.shape[0]
-    out = np.zeros((n, p, p))
-    for i in prange(n):
+    out = np.zeros((atoms.shape[0], p, p))
+    run_chunks(_weighted_grams_k, atoms.shape[0], beta, off, m, p, indptr, nbr, wts, atoms, inv, out)
+    return out
+
+
+@njit(**_OPTS)
+def _weighted_grams_k(i0, i1, beta, off, m, p, indptr, nbr, wts, atoms, inv, out):
+    for i in range(i0, i1):
         a = atoms[i]
         for e in range(indptr[a], indptr[a + 1]):
             b = nbr[e]
@@ -357,7 +407,6 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms, inv):
                     x = w * beta[row + _U(o1)]
                     for o2 in range(_U(p)):
                         out[i, o1, o2] += x * beta[row + o2]
-    return out
 
 
 # ---------------------------------------------------------------- Frobenius-normalised penalty
@@ -367,13 +416,17 @@ def weighted_grams_csr(beta, off, m, p, indptr, nbr, wts, atoms, inv):
 # its 1/N_a would make κ = W/(N_j N_k) overflow (and fast-math forbids testing for inf afterwards).
 N_FLOOR = 1e-150
 
-@njit(parallel=True, **_OPTS)
 def inverse_sqnorms(beta, off, m, p):
     """``(N, inv)``: ``N_a = ‖B_a‖²_F`` and ``inv_a = 1/N_a`` (0 when ``N_a < N_FLOOR``)."""
-    K_ = m.shape[0]
-    N = np.empty(K_)
-    inv = np.empty(K_)
-    for a in prange(K_):
+    N = np.empty(m.shape[0])
+    inv = np.empty(m.shape[0])
+    run_chunks(_inverse_sqnorms_k, m.shape[0], beta, off, m, p, N, inv)
+    return N, inv
+
+
+@njit(**_OPTS)
+def _inverse_sqnorms_k(a0, a1, beta, off, m, p, N, inv):
+    for a in range(a0, a1):
         s = 0.0
         o0 = _U(off[a])
         for u in range(_U(m[a] * p)):
@@ -381,21 +434,23 @@ def inverse_sqnorms(beta, off, m, p):
             s += x * x
         N[a] = s
         inv[a] = 1.0 / s if s >= N_FLOOR else 0.0
-    return N, inv
 
 
-@njit(parallel=True, **_OPTS)
 def block_dots(beta, v, off, m, p, inv):
     """``α_a = 2⟨B_a, V_a⟩ / N_a`` (0 where ``inv_a = 0``): the relative change of ``N_a`` along ``v``."""
-    K_ = m.shape[0]
-    out = np.empty(K_)
-    for a in prange(K_):
+    out = np.empty(m.shape[0])
+    run_chunks(_block_dots_k, m.shape[0], beta, v, off, m, p, inv, out)
+    return out
+
+
+@njit(**_OPTS)
+def _block_dots_k(a0, a1, beta, v, off, m, p, inv, out):
+    for a in range(a0, a1):
         s = 0.0
         o0 = _U(off[a])
         for u in range(_U(m[a] * p)):
             s += beta[o0 + u] * v[o0 + u]
         out[a] = 2.0 * s * inv[a]
-    return out
 
 
 @njit(**_INL)
@@ -406,13 +461,17 @@ def _axpy_rows(out, oa, x, ox, n, c):
         out[oa + u] += c * x[ox + u]
 
 
-@njit(parallel=True, **_OPTS)
 def grad_norm_csr(beta, off, m, p, indptr, nbr, wts, scale, inv, out, mmax, a0, a1, out_base):
     """Gradient of the normalised penalty for source atoms ``a0 ≤ a < a1`` (placed as in :func:`grad_csr`):
     ``out_a += Σ_b κ_ab (C B_b − (E_ab/N_a) B_a)`` with ``κ_ab = scale·w_ab·inv_a·inv_b``."""
-    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
-    for ch in prange(nch):
-        C = np.empty((mmax, mmax))
+    run_chunks(_grad_norm_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, off, m, p, indptr, nbr, wts, scale, inv,
+               out, mmax, a0, a1, out_base)
+
+
+@njit(**_OPTS)
+def _grad_norm_k(c0, c1, beta, off, m, p, indptr, nbr, wts, scale, inv, out, mmax, a0, a1, out_base):
+    C = np.empty((mmax, mmax))
+    for ch in range(c0, c1):
         for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
             ma = m[a]
             oa = off[a]
@@ -436,7 +495,6 @@ def grad_norm_csr(beta, off, m, p, indptr, nbr, wts, scale, inv, out, mmax, a0, 
                 _axpy_rows(out, oa - out_base, beta, oa, ma * p, -radial * inv[a])
 
 
-@njit(parallel=True, **_OPTS)
 def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, mmax, a0, a1, out_base):
     """Exact Hessian-vector product of the normalised penalty for atoms ``a0 ≤ a < a1`` (placed as in
     :func:`grad_csr`). Per directed edge ``a → b``, with ``α = alpha`` (:func:`block_dots`),
@@ -444,11 +502,16 @@ def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, m
 
     ``out_a += κ [dC B_b + C V_b − (α_a+α_b) C B_b + ((2α_a+α_b) E − DE)/N_a · B_a − E/N_a · V_a]``.
     """
-    nch = (a1 - a0 + _ATOM_CHUNK - 1) // _ATOM_CHUNK
-    for ch in prange(nch):
-        C = np.empty((mmax, mmax))
-        X = np.empty((mmax, mmax))
-        Y = np.empty((mmax, mmax))
+    run_chunks(_hvp_norm_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, v, off, m, p, indptr, nbr, wts, scale,
+               inv, alpha, out, mmax, a0, a1, out_base)
+
+
+@njit(**_OPTS)
+def _hvp_norm_k(c0, c1, beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, mmax, a0, a1, out_base):
+    C = np.empty((mmax, mmax))
+    X = np.empty((mmax, mmax))
+    Y = np.empty((mmax, mmax))
+    for ch in range(c0, c1):
         for a in range(a0 + ch * _ATOM_CHUNK, min(a1, a0 + ch * _ATOM_CHUNK + _ATOM_CHUNK)):
             ma = m[a]
             oa = off[a]
@@ -462,9 +525,9 @@ def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, m
                     continue
                 mb = m[b]
                 ob = off[b]
-                _cross(beta, oa, ma, beta, ob, mb, p, 1.0, C)
-                _cross(v, oa, ma, beta, ob, mb, p, 1.0, X)
-                _cross(beta, oa, ma, v, ob, mb, p, 1.0, Y)
+                _cross_call(beta, oa, ma, beta, ob, mb, p, 1.0, C)
+                _cross_call(v, oa, ma, beta, ob, mb, p, 1.0, X)
+                _cross_call(beta, oa, ma, v, ob, mb, p, 1.0, Y)
                 g = -(alpha[a] + alpha[b])
                 E = 0.0
                 DE = 0.0
@@ -479,8 +542,8 @@ def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, m
                 DE *= 2.0
                 cb += kap * ((2.0 * alpha[a] + alpha[b]) * E - DE)
                 cv += kap * E
-                _gemm_acc(out, ow, ma, X, beta, ob, mb, p)
-                _gemm_acc(out, ow, ma, C, v, ob, mb, p)
+                _gemm_acc_call(out, ow, ma, X, beta, ob, mb, p)
+                _gemm_acc_call(out, ow, ma, C, v, ob, mb, p)
             if cb != 0.0:
                 _axpy_rows(out, ow, beta, oa, ma * p, cb * inv[a])
             if cv != 0.0:
@@ -488,14 +551,18 @@ def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, m
 
 
 # ---------------------------------------------------------------- collinearity overlap
-@njit(parallel=True, **_OPTS)
 def self_gram_norms(beta, off, m, p, mmax):
     """``‖B_a B_aᵀ‖_F`` for every atom (``= ‖B_aᵀ B_a‖_F``, computed on the ``M_a × M_a`` side)."""
+    out = np.empty(m.shape[0])
+    run_chunks(_self_gram_norms_k, _chunks(m.shape[0], _ATOM_CHUNK), beta, off, m, p, mmax, out)
+    return out
+
+
+@njit(**_OPTS)
+def _self_gram_norms_k(c0, c1, beta, off, m, p, mmax, out):
     K_ = m.shape[0]
-    out = np.empty(K_)
-    nch = (K_ + _ATOM_CHUNK - 1) // _ATOM_CHUNK
-    for ch in prange(nch):
-        C = np.empty((mmax, mmax))
+    C = np.empty((mmax, mmax))
+    for ch in range(c0, c1):
         for a in range(ch * _ATOM_CHUNK, min(K_, ch * _ATOM_CHUNK + _ATOM_CHUNK)):
             ma = m[a]
             _cross(beta, off[a], ma, beta, off[a], ma, p, 1.0, C)
@@ -504,4 +571,3 @@ def self_gram_norms(beta, off, m, p, mmax):
                 for c in range(ma):
                     s += C[r, c] * C[r, c]
             out[a] = np.sqrt(s)
-    return out

@@ -10,12 +10,17 @@ pass reads the target, and ordinary data pays nothing.
 
 Fast-math here allows reassociation and contraction only (no ``nnan``/``ninf``), so NaN and inf
 tests stay meaningful.
+
+Row blocks run on threads (:func:`distpen._parallel.run_chunks`); each block writes its own partial
+sums, which are then added in block order, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from .._parallel import run_chunks
 
 _FM = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _OPTS = dict(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
@@ -40,20 +45,38 @@ def _first_bad(bad):
     return -1
 
 
-@njit(parallel=True, **_OPTS)
+@njit(**_SAFE)
+def _sum_blocks(part):
+    out = np.zeros(part.shape[1])
+    for blk in range(part.shape[0]):
+        for i in range(part.shape[1]):
+            out[i] += part[blk, i]
+    return out
+
+
+def _blocks(t):
+    nb = (t.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK
+    return nb, np.full(nb, -1, dtype=np.int64)
+
+
 def col_sums_r(t, eps):
     """``(Σ_n sqrt(t[n, i]² + ε²) for every column i, first non-finite row or -1)``.
 
     Fixed-order partial sums per row block (deterministic). A block in which some row was flagged
     is summed again row by row: non-finite rows are reported, overflowing rows use ``hypot``.
     """
+    nb, bad = _blocks(t)
+    part = np.zeros((nb, t.shape[1]))
+    run_chunks(_col_sums_k, nb, t, float(eps), part, bad)
+    return _sum_blocks(part), _first_bad(bad)
+
+
+@njit(**_OPTS)
+def _col_sums_k(b0, b1, t, eps, part, bad):
     n, f = t.shape
-    nb = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
-    part = np.zeros((nb, f))
-    bad = np.full(nb, -1, dtype=np.int64)
     e2 = eps * eps
     safe_all = e2 < _TINY
-    for blk in prange(nb):
+    for blk in range(b0, b1):
         lo = blk * _ROW_BLOCK
         hi = min(n, lo + _ROW_BLOCK)
         flagged = safe_all
@@ -81,22 +104,21 @@ def col_sums_r(t, eps):
                         part[blk, i] += np.hypot(x, eps)
                     else:
                         part[blk, i] += np.sqrt(q)
-    out = np.zeros(f)
-    for blk in range(nb):
-        for i in range(f):
-            out[i] += part[blk, i]
-    return out, _first_bad(bad)
 
 
-@njit(parallel=True, **_OPTS)
 def _map_rows(t, W, eps, v, out, kind):
     """``out = W_i · t/r`` (kind 0), ``W_i ε²/r³`` (kind 1) or ``W_i ε²/r³ · v`` (kind 2), ``r = sqrt(t² + ε²)``."""
+    nb, bad = _blocks(t)
+    run_chunks(_map_rows_k, nb, t, W, float(eps), v, out, kind, bad)
+    return _first_bad(bad)
+
+
+@njit(**_OPTS)
+def _map_rows_k(b0, b1, t, W, eps, v, out, kind, bad):
     n, f = t.shape
-    nb = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
-    bad = np.full(nb, -1, dtype=np.int64)
     e2 = eps * eps
     safe_all = e2 < _TINY
-    for blk in prange(nb):
+    for blk in range(b0, b1):
         for r in range(blk * _ROW_BLOCK, min(n, (blk + 1) * _ROW_BLOCK)):
             chk = 0.0
             if not safe_all:
@@ -133,7 +155,6 @@ def _map_rows(t, W, eps, v, out, kind):
                         out[r, i] = W[i] * (s * s) / rr
                     else:
                         out[r, i] = W[i] * (s * s) / rr * v[r, i]
-    return _first_bad(bad)
 
 
 def grad_into(t, W, eps, out):
@@ -151,7 +172,6 @@ def hvp_into(t, W, eps, v, out):
     return _map_rows(t, W, eps, v, out, 2)
 
 
-@njit(parallel=True, **_OPTS)
 def value_grad_diag_into(t, W, eps, grad, diag):
     """One pass over ``t``: ``(column sums of sqrt(t² + ε²), first non-finite row or -1)``, with
     ``grad = W_i t/r`` and ``diag = W_i ε²/r³`` written on the way (``r = sqrt(t² + ε²)``).
@@ -162,13 +182,18 @@ def value_grad_diag_into(t, W, eps, grad, diag):
     (non-finite rows reported, rows where ``t²`` overflows through ``hypot``; on such rows the
     arrays agree to rounding).
     """
+    nb, bad = _blocks(t)
+    part = np.zeros((nb, t.shape[1]))
+    run_chunks(_value_grad_diag_k, nb, t, W, float(eps), grad, diag, part, bad)
+    return _sum_blocks(part), _first_bad(bad)
+
+
+@njit(**_OPTS)
+def _value_grad_diag_k(b0, b1, t, W, eps, grad, diag, part, bad):
     n, f = t.shape
-    nb = (n + _ROW_BLOCK - 1) // _ROW_BLOCK
-    part = np.zeros((nb, f))
-    bad = np.full(nb, -1, dtype=np.int64)
     e2 = eps * eps
     safe_all = e2 < _TINY
-    for blk in prange(nb):
+    for blk in range(b0, b1):
         lo = blk * _ROW_BLOCK
         hi = min(n, lo + _ROW_BLOCK)
         flagged = safe_all
@@ -215,8 +240,3 @@ def value_grad_diag_into(t, W, eps, grad, diag):
                         u = eps / rr
                         grad[r, i] = W[i] * (x / rr)
                         diag[r, i] = W[i] * (u * u) / rr
-    out = np.zeros(f)
-    for blk in range(nb):
-        for i in range(f):
-            out[i] += part[blk, i]
-    return out, _first_bad(bad)

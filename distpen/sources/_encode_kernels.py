@@ -8,25 +8,34 @@ order like their values; key 0 is an empty slot (value 0).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from .._parallel import run_chunks
 
 _MASK = np.uint64(0xFFFFFFFF)
 
 
-@njit(cache=True, nogil=True, parallel=True)
 def topk_block(pre, bias, thr, use_thr, l0, n_real, keys):
     """Merge gates of one block into the running top-k ``keys`` (rows × k, sorted descending).
 
     ``pre`` is ``x @ W_block.T`` (rows × L) without bias; the gate is ``pre + bias`` when positive
     (and, with ``use_thr``, above ``thr``). Only the first ``n_real`` columns are real latents.
     Returns the flat index ``row * L + col`` of the first non-finite pre-activation, or −1.
+    Rows run on threads (:func:`distpen._parallel.run_chunks`).
     """
     m, L = pre.shape
-    k = keys.shape[1]
     bad = np.full(m, -1, dtype=np.int64)
-    for i in prange(m):
-        buf = np.empty(1, dtype=np.float32)
-        ubuf = buf.view(np.uint32)
+    run_chunks(_topk_rows_k, m, pre, bias, thr, use_thr, l0, n_real, keys, bad)
+    rows = np.flatnonzero(bad >= 0)
+    return int(rows[0] * L + bad[rows[0]]) if rows.size else -1
+
+
+@njit(cache=True, nogil=True)
+def _topk_rows_k(i0, i1, pre, bias, thr, use_thr, l0, n_real, keys, bad):
+    k = keys.shape[1]
+    buf = np.empty(1, dtype=np.float32)
+    ubuf = buf.view(np.uint32)
+    for i in range(i0, i1):
         row = keys[i]
         lo = row[k - 1]
         for j in range(n_real):
@@ -49,10 +58,6 @@ def topk_block(pre, bias, thr, use_thr, l0, n_real, keys):
                     p -= 1
                 row[p] = key
                 lo = row[k - 1]
-    for i in range(m):
-        if bad[i] >= 0:
-            return i * L + bad[i]
-    return -1
 
 
 def decode_keys(keys):
