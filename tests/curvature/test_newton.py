@@ -47,13 +47,13 @@ def test_newton_step_matches_dense_solve(client, precond):
 
 
 def test_block_preconditioner_needs_fewer_iterations_when_ill_conditioned(client):
-    pen, beta, rho, rhs = _problem(seed=3, spread=1.5)
-    counts = {pc: newton_step(pen, beta, rho, rhs, damping=1e-3, tol=1e-8, maxiter=2000, precond=pc)
+    pen, beta, rho, rhs = _problem(seed=3, spread=1.0)
+    counts = {pc: newton_step(pen, beta, rho, rhs, damping=1e-2, tol=1e-8, maxiter=2000, precond=pc)
               for pc in ("none", "jacobi", "block")}
     assert all(r.converged for r in counts.values())
     assert counts["block"].iterations < counts["none"].iterations
     assert counts["block"].iterations <= counts["jacobi"].iterations
-    want = _dense_solve(pen, beta, rho, rhs, 1e-3)
+    want = _dense_solve(pen, beta, rho, rhs, 1e-2)
     np.testing.assert_allclose(counts["block"].x, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
@@ -118,10 +118,10 @@ def test_extra_diagonal_callable_and_penalty_match_dense_solves(client, precond)
 
 def test_extra_diagonal_speeds_up_jacobi_on_a_dominant_diagonal(client):
     pen, beta, rho, rhs = _problem(seed=6)
-    d = 10.0 ** np.random.default_rng(2).uniform(0, 4, beta.shape[0])  # a stiff, badly scaled data term
-    jac = newton_step(pen, beta, rho, rhs, damping=0.05, tol=1e-10, maxiter=2000, precond="jacobi", extra=d)
-    none = newton_step(pen, beta, rho, rhs, damping=0.05, tol=1e-10, maxiter=2000, precond="none", extra=d)
-    assert jac.converged and none.converged and jac.iterations < none.iterations
+    d = 10.0 ** np.random.default_rng(2).uniform(0, 2.5, beta.shape[0])  # a stiff, badly scaled data term
+    jac = newton_step(pen, beta, rho, rhs, damping=0.05, tol=1e-8, maxiter=2000, precond="jacobi", extra=d)
+    none = newton_step(pen, beta, rho, rhs, damping=0.05, tol=1e-8, maxiter=2000, precond="none", extra=d)
+    assert jac.converged and none.converged and 2 * jac.iterations < none.iterations
 
 
 def test_extra_on_the_nested_penalty_is_exact_and_diagonal_only(client):
