@@ -9,12 +9,16 @@ group's tiles, each followed by its completion marker (one writer per chunk).
 Workers keep the validated sparse rows of the chunks they read in a per-process cache
 (:func:`_cached_chunk`) while a job runs, and pooled buffers between tasks; both are dropped when
 the job ends (:func:`_release_buffers`).
+
+A leaf publishes the rows it has done, at most once per ``plan["progress"]`` interval, as a worker
+event (:class:`_RowReporter`), so the client's progress moves while one long streaming task runs.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 
@@ -25,6 +29,34 @@ from .plan import _unit
 
 
 # ============================================================================ tasks (run on workers)
+class _RowReporter:
+    """Publishes ``{"key": task key, "rows": rows done}`` on the event topic of ``plan["progress"]``
+    (``(topic, seconds)``) at most once per interval. Outside a Dask worker it does nothing."""
+
+    def __init__(self, plan: dict):
+        self.worker = None
+        spec = plan.get("progress")
+        if not spec:
+            return
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+        except ValueError:  # run in-process (tests, the local path)
+            return
+        self.worker, self.topic, self.every = worker, spec[0], float(spec[1])
+        self.key = str(worker.get_current_task())
+        self.last = time.monotonic()
+
+    def rows(self, n: int) -> None:
+        if self.worker is None:
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.worker.log_event(self.topic, {"key": self.key, "rows": int(n)})
+
+
 def _slice(data, base, r0, r1, c0=None, c1=None):
     """Rows ``[r0, r1)`` (columns ``[c0, c1)``) of a source whose row 0 is row ``base``, as numpy.
 
@@ -64,8 +96,10 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
             diag_runs[-1][1] = d + 1
         else:
             diag_runs.append([d, d + 1])
+    reporter = _RowReporter(plan)
     with threadpool_limits(limits=1):
         for r0, r1, data, base in chunks:
+            reporter.rows(part["rows"])
             rows = (r0, r1)
             if plan["form"] == "dense" and plan.get("cache_key") is not None:
                 cached = _dense_chunk(plan, data, base, r0, r1, ws)

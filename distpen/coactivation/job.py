@@ -15,7 +15,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import threading
 import time
+import uuid
 
 import numpy as np
 
@@ -31,11 +33,15 @@ from .plan import (_check_split_every, check_fire_threshold, choose_parameters, 
                    _tiles, _unit)
 from .stats import CoactivationStats
 
+#: seconds between the rows-done events of a running task (and between progress writes)
+PROGRESS_EVERY = 1.0
+
 __all__ = ["coactivation_stats"]
 
 
 def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=None, fire_threshold=0.0,
-                       overwrite=False, progress=None, client=None, _units=None, _fail_units=()):
+                       overwrite=False, progress=None, client=None, _units=None, _fail_units=(),
+                       _progress_every=PROGRESS_EVERY):
     """Compute the co-activation sufficient statistics of ``gates`` into the Zarr run store ``out``.
 
     Parameters
@@ -70,6 +76,9 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     progress : callable, optional
         Called as ``progress(info)`` while the job runs, with ``info`` the dict written to the
         store's ``progress.json`` (``units_done``, ``units_total``, ``rows_processed``, ``rows_total``...).
+        Both move at least every second while tasks run: each running task reports the rows it has
+        done (a worker event), so a long streaming task shows throughput and ETA, not 0 rows.
+        The callback may be called from a helper thread of this call.
     client : distributed.Client, optional
         Default: :func:`distpen.cluster.get_client`.
 
@@ -173,14 +182,22 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     skipped = len(units) - len(job.pending())
     t_start = time.time()
     state = {"work": 0, "units_done": skipped, "computed": 0, "routes": [0, 0]}
+    # rows done by tasks still running (their worker events), times their group's tile count
+    running: dict[str, int] = {}
+    ended: set[str] = set()
+    lock = threading.RLock()
 
     def report(force=False):
+        with lock:
+            _report(force)
+
+    def _report(force):
         now = time.time()
         if not force and now - state.get("last", 0) < 0.5:
             return
         state["last"] = now
         elapsed = max(now - t_start, 1e-9)
-        rows_processed = state["work"] / n_run if n_run else 0
+        rows_processed = min(N, (state["work"] + sum(running.values())) / n_run) if n_run else 0
         info = job.update_progress(
             units_done=state["units_done"], units_total=len(units), units_skipped=skipped,
             units_computed=state["computed"], units_in_run=n_run, rows_processed=int(rows_processed),
@@ -209,7 +226,7 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         plan = {"tile": T, "k_atoms": K, "tiles": tiles, "span": (blocks[0], blocks[-1] + 1),
                 "diag_blocks": diag, "form": g.form, "scatter_pairs": scatter_pairs, "threshold": threshold,
                 "cache_key": cache_key, "cache_bytes": cache_bytes,
-                "cnt_dtype": np.dtype(ker.count_dtype(N)).name}
+                "cnt_dtype": np.dtype(ker.count_dtype(N)).name, "progress": (topic, float(_progress_every))}
         tok = tokenize(fp, tiles, rc, se)
         if n_leaves == 1:  # one task streams every row chunk and writes the tiles itself
             final = dask.delayed(_leaf_and_finalize, pure=True)(
@@ -229,6 +246,22 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
                                                    dask_key_name=f"distpen-coact-write-{tok}")
         return final, leaves
 
+    topic = f"distpen-coact-progress-{fp[:16]}-{uuid.uuid4().hex[:8]}"
+
+    def on_event(event):
+        msg = event[1] if isinstance(event, tuple) else event
+        key = msg.get("key")
+        with lock:
+            meta = meta_of.get(key)
+            if meta is not None and key not in ended:
+                running[key] = int(msg.get("rows", 0)) * meta[2]
+
+    stop = threading.Event()
+
+    def tick():  # progress.json and the callback move while long tasks run, not only when they end
+        while not stop.wait(_progress_every):
+            report()
+
     in_flight_max = max(2, 2 * n_workers(client))
     ac = as_completed(with_results=False, loop=client.loop)
     meta_of = {}
@@ -244,12 +277,18 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
             meta_of[fut.key] = ("leaf", gi, len(tiles), rows)
         ac.update(futs)
 
+    client.subscribe_topic(topic, on_event)
+    ticker = threading.Thread(target=tick, name="distpen-coact-progress", daemon=True)
+    ticker.start()
     try:
         while next_group < len(groups) and next_group < in_flight_max:
             submit(next_group)
             next_group += 1
         for fut in ac:
-            kind, gi, n_tiles, rows = meta_of.pop(fut.key)
+            with lock:
+                ended.add(fut.key)
+                running.pop(fut.key, None)
+                kind, gi, n_tiles, rows = meta_of.pop(fut.key)
             if fut.status == "error":
                 fut.result()  # raises the task's exception
             if kind == "leaf":
@@ -279,6 +318,9 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
                                 f"{out}: {_RESUME_HINT}") from exc
         raise
     finally:
+        stop.set()
+        ticker.join()
+        client.unsubscribe_topic(topic)
         _release_worker_buffers(client)
     job.finish(units_computed=state["computed"])
     if not job.pending():

@@ -797,3 +797,20 @@ def test_statistics_store_opens_in_xarray_with_named_dimensions(client, tmp_path
     ps = ds["pair_sum"].values
     np.testing.assert_allclose(np.triu(ps), np.triu(ref["pair_sum"]), rtol=1e-12)
     assert ds.attrs["n_tokens"] == st.n_tokens == 300
+
+
+def test_progress_moves_while_one_streaming_task_runs(client, tmp_path):
+    """One tile group, one streaming task over many row chunks: the rows processed reported to the
+    callback and to progress.json rise while that task runs, before any tile is done."""
+    G = topk_gates(n=6000, seed=5)
+    idx, val = to_topk(G, 6)
+    seen = []
+    st = dp.coactivation_stats(dp.TopKGates(idx, val, 29), tmp_path / "st", row_chunk=10, tile=29,
+                               split_every=10_000, progress=lambda info: seen.append(dict(info)),
+                               _progress_every=0.005)
+    assert_stats(st, reference(G))
+    assert st._job.progress()["n_groups"] == 1 and st._job.progress()["n_leaves_per_group"] == 1
+    during = [i["rows_processed"] for i in seen if i["units_done"] == 0]
+    assert any(0 < r < 6000 for r in during), during
+    assert during == sorted(during)                  # rows only ever rise
+    assert seen[-1]["rows_processed"] == 6000 and seen[-1]["units_done"] == seen[-1]["units_total"]
