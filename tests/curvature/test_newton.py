@@ -102,7 +102,7 @@ class RowsOf:
 def test_extra_diagonal_callable_and_penalty_match_dense_solves(client, precond):
     pen, beta, rho, rhs = _problem(seed=5)
     n = beta.shape[0]
-    H = _dense(pen, beta, rho) + 0.05 * np.eye(n)
+    H = _dense(pen, beta, rho) + 0.2 * np.eye(n)
     rng = np.random.default_rng(1)
     d = rng.uniform(0.0, 3.0, n)
     Q = rng.standard_normal((n, 6))
@@ -110,7 +110,7 @@ def test_extra_diagonal_callable_and_penalty_match_dense_solves(client, precond)
     bs, pairs2, _ = synthetic_decoder_problem(30, 5, 40, max_block=3, seed=5)
     pen2 = dp.DecoderIncoherencePenalty.from_pairs(pairs2, pen.layout.block_sizes, 5, 0.7, normalize="frobenius")
     for extra, E in ((d, np.diag(d)), (RowsOf(A), A), (pen2, _dense(pen2, beta, np.zeros(0)))):
-        res = newton_step(pen, beta, rho, rhs, damping=0.05, tol=1e-10, maxiter=800, precond=precond, extra=extra)
+        res = newton_step(pen, beta, rho, rhs, damping=0.2, tol=1e-10, maxiter=800, precond=precond, extra=extra)
         want = np.linalg.solve(H + E, rhs)
         assert res.converged, (type(extra).__name__, res.residuals[-3:])
         np.testing.assert_allclose(res.x, want, rtol=0, atol=1e-7 * np.abs(want).max())
