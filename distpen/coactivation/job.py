@@ -193,7 +193,7 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
 
     def _report(force):
         now = time.time()
-        if not force and now - state.get("last", 0) < 0.5:
+        if not force and now - state.get("last", 0) < min(0.5, _progress_every):
             return
         state["last"] = now
         elapsed = max(now - t_start, 1e-9)
@@ -285,29 +285,34 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
             submit(next_group)
             next_group += 1
         for fut in ac:
-            with lock:
+            with lock:  # a task's rows move from `running` to `work` in one step the ticker cannot split
                 ended.add(fut.key)
-                running.pop(fut.key, None)
                 kind, gi, n_tiles, rows = meta_of.pop(fut.key)
             if fut.status == "error":
                 fut.result()  # raises the task's exception
             if kind == "leaf":
-                state["work"] += rows * n_tiles
+                with lock:
+                    running.pop(fut.key, None)
+                    state["work"] += rows * n_tiles
                 fut.release()
                 report()
                 continue
             res = fut.result()
             fut.release()
-            if n_leaves == 1:  # the streaming task did the leaf's work too
-                state["work"] += res["rows"] * n_tiles
-            state["units_done"] += len(res["units"])
-            state["computed"] += len(res["units"])
-            state["routes"] = [a + b for a, b in zip(state["routes"], res["routes"])]
+            with lock:
+                running.pop(fut.key, None)
+                if n_leaves == 1:  # the streaming task did the leaf's work too
+                    state["work"] += res["rows"] * n_tiles
+                state["units_done"] += len(res["units"])
+                state["computed"] += len(res["units"])
+                state["routes"] = [a + b for a, b in zip(state["routes"], res["routes"])]
             report(force=True)
             if next_group < len(groups):
                 submit(next_group)
                 next_group += 1
     except BaseException as exc:
+        stop.set()      # no progress write may land after the failure is recorded
+        ticker.join()
         for f in list(ac.futures):
             f.cancel()
         ac.clear()
