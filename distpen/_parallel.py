@@ -17,16 +17,18 @@ import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_chunks", "set_threads", "threads"]
+__all__ = ["default_threads", "run_chunks", "set_threads", "threads"]
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 #: pieces per thread: enough for uneven chunks to balance, few enough to keep dispatch cheap
 _PIECES_PER_THREAD = 4
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """Threads a kernel may use when nothing limits it: ``NUMBA_NUM_THREADS`` (the cores)."""
     import numba
 
     return max(1, int(numba.config.NUMBA_NUM_THREADS))
@@ -35,7 +37,7 @@ def _default_threads() -> int:
 def threads() -> int:
     """Threads a kernel started from this thread may use."""
     n = getattr(_local, "n", None)
-    return _default_threads() if n is None else n
+    return default_threads() if n is None else n
 
 
 def set_threads(n: int | None) -> int | None:
@@ -46,10 +48,10 @@ def set_threads(n: int | None) -> int | None:
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < n:
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="distpen-kernel")
+        if _pool is None or _pool_size < n:
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="distpen-kernel"), n
         return _pool
 
 

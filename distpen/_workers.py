@@ -17,9 +17,9 @@ def kernel_threads(n: int):
     """
     from threadpoolctl import threadpool_limits
 
-    from ._parallel import _default_threads, set_threads
+    from ._parallel import default_threads, set_threads
 
-    n = max(1, min(int(n), _default_threads()))
+    n = max(1, min(int(n), default_threads()))
     previous = set_threads(n)
     try:
         with threadpool_limits(limits=n):
