@@ -5,17 +5,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._parallel import run_chunks
+from ._parallel import n_chunks_of, run_chunks
 
 _BLOCK = 1 << 16
 
 
-def _nblocks(n):
-    return (n + _BLOCK - 1) // _BLOCK
-
-
 def _first_nonfinite(x):
-    first = np.full(_nblocks(x.shape[0]), -1, dtype=np.int64)
+    first = np.full(n_chunks_of(x.shape[0], _BLOCK), -1, dtype=np.int64)
     run_chunks(_first_nonfinite_k, first.shape[0], x, first)
     hit = first[first >= 0]
     return int(hit[0]) if hit.size else -1
@@ -46,7 +42,7 @@ def first_nonfinite(x: np.ndarray) -> int:
 
 
 def _first_difference(a, b):
-    diff = np.zeros(_nblocks(a.shape[0]), dtype=np.bool_)
+    diff = np.zeros(n_chunks_of(a.shape[0], _BLOCK), dtype=np.bool_)
     run_chunks(_first_difference_k, diff.shape[0], a, b, diff)
     hit = np.flatnonzero(diff)
     return int(hit[0]) if hit.size else -1

@@ -17,7 +17,7 @@ import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["default_threads", "run_chunks", "set_threads", "threads"]
+__all__ = ["default_threads", "n_chunks_of", "run_chunks", "set_threads", "threads"]
 
 _local = threading.local()
 _pool: ThreadPoolExecutor | None = None
@@ -25,6 +25,11 @@ _pool_size = 0
 _pool_lock = threading.Lock()
 #: pieces per thread: enough for uneven chunks to balance, few enough to keep dispatch cheap
 _PIECES_PER_THREAD = 4
+
+
+def n_chunks_of(n: int, size: int) -> int:
+    """How many chunks of ``size`` cover ``n`` items (the last one may be short)."""
+    return (int(n) + size - 1) // size
 
 
 def default_threads() -> int:
@@ -78,7 +83,8 @@ def run_chunks(kernel, n_chunks: int, *args) -> None:
                 return
             kernel(bounds[i], bounds[i + 1], *args)
 
-    futures = [_executor(t - 1).submit(work) for _ in range(t - 1)]
+    pool = _executor(t - 1)
+    futures = [pool.submit(work) for _ in range(t - 1)]
     error = None
     try:
         work()

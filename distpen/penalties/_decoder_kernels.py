@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .._parallel import run_chunks
+from .._parallel import n_chunks_of, run_chunks
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")
 _INL = dict(inline="always", **_OPTS)
@@ -173,15 +173,11 @@ def _max_block(m):
     return mmax
 
 
-def _chunks(n, size):
-    return (n + size - 1) // size
-
-
 def pair_sqnorms(beta, off, m, p, pj, pk):
     """``‖B_j B_kᵀ‖²_F`` for every pair."""
     n = pj.shape[0]
     out = np.empty(n)
-    run_chunks(_pair_sqnorms_k, _chunks(n, _PAIR_CHUNK), beta, off, m, p, pj, pk, _max_block(m), out)
+    run_chunks(_pair_sqnorms_k, n_chunks_of(n, _PAIR_CHUNK), beta, off, m, p, pj, pk, _max_block(m), out)
     return out
 
 
@@ -210,7 +206,7 @@ def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_ba
     range ``[off[a0], off[a1])`` (``out_base = off[a0]``) or the whole vector (``out_base = 0``).
     The parallel loop runs over chunks of the range only.
     """
-    run_chunks(_grad_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, off, m, p, indptr, nbr, wts, scale, out,
+    run_chunks(_grad_k, n_chunks_of(a1 - a0, _ATOM_CHUNK), beta, off, m, p, indptr, nbr, wts, scale, out,
                mmax, a0, a1, out_base)
 
 
@@ -236,7 +232,7 @@ def hvp_csr(beta, v, off, m, p, indptr, nbr, wts, scale, mode, out, mmax, a0, a1
     A non-empty ``inv`` (per-atom ``1/N_a``, see :func:`inverse_sqnorms`) makes the pair weight
     ``κ = W·inv_a·inv_b`` (the Gauss-Newton blocks of the normalised penalty; modes 0 and 2).
     """
-    run_chunks(_hvp_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, v, off, m, p, indptr, nbr, wts, scale, mode,
+    run_chunks(_hvp_k, n_chunks_of(a1 - a0, _ATOM_CHUNK), beta, v, off, m, p, indptr, nbr, wts, scale, mode,
                out, mmax, a0, a1, out_base, inv)
 
 
@@ -464,7 +460,7 @@ def _axpy_rows(out, oa, x, ox, n, c):
 def grad_norm_csr(beta, off, m, p, indptr, nbr, wts, scale, inv, out, mmax, a0, a1, out_base):
     """Gradient of the normalised penalty for source atoms ``a0 ≤ a < a1`` (placed as in :func:`grad_csr`):
     ``out_a += Σ_b κ_ab (C B_b − (E_ab/N_a) B_a)`` with ``κ_ab = scale·w_ab·inv_a·inv_b``."""
-    run_chunks(_grad_norm_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, off, m, p, indptr, nbr, wts, scale, inv,
+    run_chunks(_grad_norm_k, n_chunks_of(a1 - a0, _ATOM_CHUNK), beta, off, m, p, indptr, nbr, wts, scale, inv,
                out, mmax, a0, a1, out_base)
 
 
@@ -502,7 +498,7 @@ def hvp_norm_csr(beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha, out, m
 
     ``out_a += κ [dC B_b + C V_b − (α_a+α_b) C B_b + ((2α_a+α_b) E − DE)/N_a · B_a − E/N_a · V_a]``.
     """
-    run_chunks(_hvp_norm_k, _chunks(a1 - a0, _ATOM_CHUNK), beta, v, off, m, p, indptr, nbr, wts, scale,
+    run_chunks(_hvp_norm_k, n_chunks_of(a1 - a0, _ATOM_CHUNK), beta, v, off, m, p, indptr, nbr, wts, scale,
                inv, alpha, out, mmax, a0, a1, out_base)
 
 
@@ -554,7 +550,7 @@ def _hvp_norm_k(c0, c1, beta, v, off, m, p, indptr, nbr, wts, scale, inv, alpha,
 def self_gram_norms(beta, off, m, p, mmax):
     """``‖B_a B_aᵀ‖_F`` for every atom (``= ‖B_aᵀ B_a‖_F``, computed on the ``M_a × M_a`` side)."""
     out = np.empty(m.shape[0])
-    run_chunks(_self_gram_norms_k, _chunks(m.shape[0], _ATOM_CHUNK), beta, off, m, p, mmax, out)
+    run_chunks(_self_gram_norms_k, n_chunks_of(m.shape[0], _ATOM_CHUNK), beta, off, m, p, mmax, out)
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .._parallel import run_chunks
+from .._parallel import n_chunks_of, run_chunks
 
 _FM = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _OPTS = dict(cache=True, nogil=True, fastmath=_FM, error_model="numpy")
@@ -55,7 +55,7 @@ def _sum_blocks(part):
 
 
 def _blocks(t):
-    nb = (t.shape[0] + _ROW_BLOCK - 1) // _ROW_BLOCK
+    nb = n_chunks_of(t.shape[0], _ROW_BLOCK)
     return nb, np.full(nb, -1, dtype=np.int64)
 
 
