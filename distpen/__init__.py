@@ -15,8 +15,8 @@ The layers, from the floor up (a module imports only from layers below its own; 
 
 from . import errors
 from .cluster import connect
-from .coactivation import (CoactivationStats, RelativeThreshold, coactivation_stats, merge_stats, open_stats,
-                           plan_coactivation)
+from .coactivation import (CoactivationStats, RelativeThreshold, WindowedGates, coactivation_stats, merge_stats,
+                           open_stats, plan_coactivation)
 from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, collinearity_gate, evaluate,
                         newton_recorder, newton_step, save_newton_result)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
@@ -66,6 +66,7 @@ __all__ = [
     "merge_stats",
     "CoactivationStats",
     "plan_coactivation",
+    "WindowedGates",
     # distributed evaluation, curvature assembly, Newton steps
     "evaluate",
     "assemble_majorizer",

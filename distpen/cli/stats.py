@@ -41,7 +41,7 @@ def run_coactivation(args) -> int:
     gates, sae = gates_from_args(args)  # opened and checked before any work
     threshold = fire_threshold_from(args.fire_threshold, sae)
     client = client_for(args)
-    bar = Bar("coactivation", "tok", args.quiet)
+    bar = Bar("coactivation", "tok" if args.window is None else "win", args.quiet)
 
     def progress(info):
         bar.update(info.get("rows_processed", 0), max(1, info.get("rows_total", 0) or 1),
@@ -54,15 +54,16 @@ def run_coactivation(args) -> int:
                 check_workers_see(client, out)
             st = coactivation_stats(gates, out, row_chunk=args.row_chunk, tile=args.tile,
                                     split_every=args.split_every, fire_threshold=threshold,
-                                    overwrite=args.overwrite,
+                                    window=args.window, seq_len=args.seq_len, overwrite=args.overwrite,
                                     progress=progress, client=client)
             p = st._job.progress()
     finally:
         bar.close()
     if not args.quiet:
-        print(f"{args.out}: {st.n_tokens} tokens × {st.k_atoms} atoms, tiles {p.get('units_done')}/"
+        rows = "tokens" if st.window is None else f"windows of {st.window} tokens"
+        print(f"{args.out}: {st.n_tokens} {rows} × {st.k_atoms} atoms, tiles {p.get('units_done')}/"
               f"{p.get('units_total')} ({p.get('units_computed')} computed now), "
-              f"{p.get('throughput_rows_per_s', 0):,.0f} tokens/s")
+              f"{p.get('throughput_rows_per_s', 0):,.0f} {rows.split()[0]}/s")
     return 0
 
 
@@ -211,6 +212,12 @@ def register(subparsers) -> None:
     p.add_argument("--fire-threshold", default=None, metavar="T",
                    help="a gate at or below T counts as zero: a number, relative:RHO (RHO times the token's "
                         "largest gate) or sae (the --sae JumpReLU thresholds); default 0")
+    p.add_argument("--window", type=positive_int, default=None, metavar="W",
+                   help="count co-occurrence per window of W consecutive tokens within a sequence (a latent "
+                        "fires in a window if it fires on any of its tokens) instead of per token")
+    p.add_argument("--seq-len", type=positive_int, default=None, metavar="L",
+                   help="with --window: tokens per sequence (default: the source's own, e.g. a delphi "
+                        "cache's context length)")
     p.add_argument("--out", required=True,
                    help="statistics run store (Zarr group): a path, or an fsspec URL (s3://, gs://...) staged "
                         "through a local directory the workers share (DISTPEN_STAGING_DIR)")

@@ -18,6 +18,8 @@ Modules, in the order data flows through them:
     :func:`merge_stats`;
 :mod:`.forecast`
     :func:`plan_coactivation`, what a job will do on a given cluster and how long it takes;
+:mod:`.windows`
+    :class:`WindowedGates`, gates of windows of consecutive tokens (``coactivation_stats(window=W)``);
 :mod:`.neighbours`, :mod:`.clusters`
     analyses of a finished store: delphi's neighbour lists, groups of latents.
 """
@@ -27,6 +29,7 @@ from .job import coactivation_stats
 from .merge import merge_stats
 from .plan import STAGE, RelativeThreshold
 from .stats import MEASURES, CoactivationStats, Tile, open_stats
+from .windows import WindowedGates
 
 __all__ = ["coactivation_stats", "open_stats", "merge_stats", "CoactivationStats", "Tile", "MEASURES", "STAGE",
-           "plan_coactivation", "CoactivationPlan", "RelativeThreshold"]
+           "plan_coactivation", "CoactivationPlan", "RelativeThreshold", "WindowedGates"]

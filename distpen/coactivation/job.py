@@ -32,6 +32,7 @@ from .plan import (_check_split_every, check_fire_threshold, choose_parameters, 
                    _group_tiles, _MIN_STREAM_GROUPS, _parse_unit, _sample_density, _sources, _SPARSE_DENSITY, STAGE,
                    _tiles, _unit)
 from .stats import CoactivationStats
+from .windows import WindowedGates
 
 #: seconds between the rows-done events of a running task (and between progress writes)
 PROGRESS_EVERY = 1.0
@@ -40,8 +41,8 @@ __all__ = ["coactivation_stats"]
 
 
 def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=None, fire_threshold=0.0,
-                       overwrite=False, progress=None, client=None, _units=None, _fail_units=(),
-                       _progress_every=PROGRESS_EVERY):
+                       window=None, seq_len=None, overwrite=False, progress=None, client=None, _units=None,
+                       _fail_units=(), _progress_every=PROGRESS_EVERY):
     """Compute the co-activation sufficient statistics of ``gates`` into the Zarr run store ``out``.
 
     Parameters
@@ -70,6 +71,17 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         ``{"relative": rho}``), ``rho`` times the token's largest gate. Default 0.0: every
         positive gate fires. Part of the job's identity: a store holding another threshold is
         refused (``StoreConflictError``) unless ``overwrite``.
+    window : int, optional
+        Count co-occurrence per window of ``window`` consecutive tokens within a sequence instead of
+        per token (see :class:`~distpen.coactivation.windows.WindowedGates`): a latent fires in a
+        window when it fires on any of its tokens (the threshold is applied per token), its window
+        gate is its largest gate there, and every statistic and measure is per window
+        (``n_tokens`` of the store is the number of windows). A window never crosses a sequence
+        boundary; a ragged last window counts. Part of the job's identity. ``row_chunk`` then
+        counts windows, a whole number of sequences.
+    seq_len : int, optional
+        Tokens per sequence, for ``window``: default the source's own (a delphi cache's context
+        length, a SAELens activation cache's ``context_size``); required for other gates.
     overwrite : bool
         Replace whatever ``out`` holds. Without it, a store holding the same job is resumed (only
         missing tiles are computed) and a different job is refused.
@@ -116,13 +128,19 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         tile = check_positive_int(tile, "tile")
     se_given = split_every is not None
     se = _check_split_every(split_every)
+    threshold, threshold_spec = check_fire_threshold(fire_threshold, g.k_atoms)
+    if window is not None:  # rows become windows; the threshold is applied per token, by them
+        g = WindowedGates(g, window, seq_len, threshold=ker.threshold_args(threshold))
+        threshold = None
+    elif seq_len is not None:
+        raise InvalidArgumentError(f"seq_len = {seq_len} is only used with window= (window co-occurrence)")
     N, K = g.n_tokens, g.k_atoms
-    threshold, threshold_spec = check_fire_threshold(fire_threshold, K)
     align = int(getattr(g, "row_align", 1) or 1)
     if row_chunk is not None and align > 1 and row_chunk % align and row_chunk < N:
+        unit = "windows" if window is not None else "tokens"
         raise InvalidArgumentError(
             f"row_chunk = {row_chunk} is not a whole number of sequences: these gates have "
-            f"{align} tokens per sequence, so row_chunk must be a multiple of {align}"
+            f"{align} {unit} per sequence, so row_chunk must be a multiple of {align}"
         )
     inputs = g.input_spec()
 
@@ -154,6 +172,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     meta = {"n_tokens": N, "k_atoms": K, "tile": T, "row_chunk": rc, "split_every": se,
             "gates_form": g.form, "gates_dtype": str(g.dtype),
             "fire_threshold": threshold_spec or {"kind": "scalar", "value": 0.0}}
+    if window is not None:
+        meta.update(window=g.window, seq_len=g.seq_len, n_source_tokens=g.n_source_tokens)
     _, job = _prepare_store(out, spec, units, meta, overwrite)
 
     pending = [_parse_unit(u) for u in job.pending()]
@@ -166,10 +186,11 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (10 * 12))))
     # when every group reads every chunk, workers keep the sparse rows they read, within 1/8 of memory
     # (CSR-form sources always: their rows cost a read, a decode or an encode each time)
-    cache_key = job.fingerprint if len(groups) > 1 and (streaming or g.form == "sparse") else None
+    reread_costly = g.form == "sparse" or window is not None  # a read, a decode, an encode or a reduction
+    cache_key = job.fingerprint if len(groups) > 1 and (streaming or reread_costly) else None
     cache_bytes = int(mem // 8)
     scattered = None
-    if g.form == "sparse" and groups:
+    if hasattr(g, "job_source") and groups:
         try:
             g, scattered = _prepare_source(g, out, len(groups), rc, client)
         except BaseException as exc:

@@ -62,6 +62,8 @@ def merge_stats(a, b, out, *, tile=None, overwrite=False, client=None) -> Coacti
     ------
     ShapeMismatchError
         ``a`` and ``b`` have different ``k_atoms``.
+    InvalidArgumentError
+        One counts per token and the other per window, or their windows differ.
     StoreConflictError
         ``out`` holds another job and ``overwrite`` is False.
 
@@ -79,6 +81,12 @@ def merge_stats(a, b, out, *, tile=None, overwrite=False, client=None) -> Coacti
         raise ShapeMismatchError(
             f"cannot merge statistics over different atoms: a has k_atoms = {a.k_atoms}, b has {b.k_atoms}"
         )
+    if (a.window, a.seq_len) != (b.window, b.seq_len):
+        def what(s):
+            return "per token" if s.window is None else f"per window of {s.window} (seq_len {s.seq_len})"
+        raise InvalidArgumentError(
+            f"cannot merge statistics counted {what(a)} ({a.path}) with statistics counted {what(b)} ({b.path})"
+        )
     if not isinstance(out, (str, os.PathLike)):
         raise InvalidArgumentError(f"out must be a local path to a Zarr group, got {type(out).__name__}")
     out = local_store_path(out)
@@ -93,6 +101,8 @@ def merge_stats(a, b, out, *, tile=None, overwrite=False, client=None) -> Coacti
                        {"path": b.path, "fingerprint": b.fingerprint, "n_tokens": b.n_tokens}]}
     N = a.n_tokens + b.n_tokens
     meta = {"n_tokens": N, "k_atoms": K, "tile": T, "merged_from": [a.path, b.path]}
+    if a.window is not None:
+        meta.update(window=a.window, seq_len=a.seq_len, n_source_tokens=a.n_source_tokens + b.n_source_tokens)
     _, job = _prepare_store(out, spec, units, meta, overwrite)
     client = client or get_client()
     pending = [_parse_unit(u) for u in job.pending()]

@@ -203,7 +203,8 @@ def _sources(gates, row_chunk: int, client, scattered=None):
         blocks = darr.to_delayed().ravel().tolist()
         return [(blk, r0) for blk, (r0, _) in zip(blocks, spans)]
 
-    if gates.form == "sparse":  # the source object itself, sent to the workers once
+    if gates.form == "sparse" or getattr(gates, "kind", None) == "windows":
+        # the source object itself (windows: their lazy array), sent to the workers once
         fut = scattered if scattered is not None else client.scatter(gates, broadcast=False, hash=True)
         return [(r0, r1, fut, 0) for r0, r1 in spans]
     if isinstance(gates, DenseGates):
@@ -267,7 +268,7 @@ def _sample_density(gates, rows: int) -> float:
     """Fraction of non-zero gates in the first ``rows`` tokens (1.0 for top-k: not needed)."""
     if not isinstance(gates, DenseGates):
         return 0.0
-    m = max(1, min(rows, gates.n_tokens, 4096))
+    m = max(1, min(rows, gates.n_tokens, int(getattr(gates, "sample_rows", 4096))))
     x = gates.array[:m]
     x = np.asarray(x.compute() if hasattr(x, "compute") else x)
     return float(np.count_nonzero(x)) / max(1, x.size)

@@ -40,6 +40,10 @@ class CoactivationStats:
     block; absent tiles are zero); ``fire_count`` (int64), ``gate_sum`` and ``gate_sq_sum``
     (float64) of shape (K,); the attribute ``n_tokens``; and the job manifest under ``_distpen/``.
 
+    For window co-occurrence (``coactivation_stats(..., window=W)``) every row counted is a window:
+    ``n_tokens`` is the number of windows, and ``window``, ``seq_len`` and ``n_source_tokens``
+    (the tokens they cover) say so; they are None for per-token statistics.
+
     Parameters
     ----------
     path : str or os.PathLike
@@ -73,6 +77,9 @@ class CoactivationStats:
         self.n_tokens = int(attrs["n_tokens"])
         self.k_atoms = int(attrs["k_atoms"])
         self.tile_size = int(attrs["tile"])
+        self.window = int(attrs["window"]) if attrs.get("window") is not None else None
+        self.seq_len = int(attrs["seq_len"]) if attrs.get("seq_len") is not None else None
+        self.n_source_tokens = int(attrs.get("n_source_tokens", self.n_tokens))
         self.n_blocks = math.ceil(self.k_atoms / self.tile_size)
         self.attrs = attrs
         self._store = RunStore(self.path)
@@ -88,8 +95,9 @@ class CoactivationStats:
         self._vec = {}
 
     def __repr__(self) -> str:
+        win = f", window={self.window}, seq_len={self.seq_len}" if self.window is not None else ""
         return (f"CoactivationStats({self.path!r}, n_tokens={self.n_tokens}, k_atoms={self.k_atoms}, "
-                f"tile={self.tile_size})")
+                f"tile={self.tile_size}{win})")
 
     def __reduce__(self):
         return (_open_trusted, (self.path,))

@@ -85,6 +85,12 @@ class ActivationSource:
         return (f"ActivationSource(n_rows={self.n_rows}, d_in={self.d_in}, dtype={self.dtype!r}, "
                 f"files={len(self.paths)})")
 
+    @property
+    def seq_len(self) -> int | None:
+        """Tokens per sequence when the files say (a SAELens Arrow cache's ``context_size``), else None."""
+        ctxs = {p.meta.get("ctx") for p in self._parts if isinstance(p.meta, dict) and p.meta.get("ctx")}
+        return int(ctxs.pop()) if len(ctxs) == 1 else None
+
     def row_chunk_hint(self) -> int:
         """Rows per chunk so a float32 chunk is about 64 MiB (a multiple of the context size of
         an Arrow cache, and never more than ``n_rows``)."""

@@ -133,3 +133,17 @@ def test_argparse_rejects_non_positive_sizes(capsys):
         main(["synth", "x", "--tokens", "0", "--atoms", "4"])
     assert info.value.code == 2
     assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_window_co_occurrence_from_the_command_line(addr, tmp_path, capsys):
+    g, st = str(tmp_path / "g"), str(tmp_path / "st")
+    dp.synth_gates(g, 600, 32, topk=4, seed=1, row_chunk=120)
+    assert main(["coactivation", g, "--out", st, "--window", "8", "--seq-len", "60", "--tile", "16",
+                 "--scheduler", addr]) == 0
+    assert "80 windows of 8 tokens × 32 atoms" in capsys.readouterr().out     # 10 sequences × ⌈60/8⌉ = 8
+    s = dp.open_stats(st)
+    want = dp.coactivation_stats(g, str(tmp_path / "api"), window=8, seq_len=60, tile=16)
+    assert s.window == 8 and np.array_equal(s.block(0, 32, 0, 32, "pair_count"),
+                                            want.block(0, 32, 0, 32, "pair_count"))
+    assert main(["coactivation", g, "--out", str(tmp_path / "x"), "--window", "8", "--scheduler", addr]) == 2
+    assert "needs the sequence length: pass seq_len=" in capsys.readouterr().err
