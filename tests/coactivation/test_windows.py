@@ -201,3 +201,33 @@ def test_dask_gates_are_refused(client, tmp_path):
     G = da.from_array(topk_gates(n=60, K=9, k=3, seed=1), chunks=(20, 9))
     with pytest.raises(InvalidArgumentError, match="does not take dask arrays"):
         dp.coactivation_stats(G, tmp_path / "st", window=4, seq_len=12)
+
+
+def test_out_of_core_within_worker_memory_limit(tmp_path):
+    """Workers of 300 MiB each count windows over dense gates larger than their total memory."""
+    from distributed import Client, LocalCluster
+
+    from test_coactivation_stats import _rss_peak, _rss_sampler
+
+    limit = 300 * 2**20
+    n, k, L, W = 500_000, 512, 1000, 32      # float32: 1.02 GB of dense gates, 2% non-zero
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit=limit,
+                      dashboard_address=":0", host="127.0.0.1") as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        g = dp.synth_gates(tmp_path / "g", n, k, density=0.02, seed=4, client=c)
+        assert g.n_tokens * g.k_atoms * 4 > 3 * limit
+        pids = c.run(os.getpid)
+        c.run(_rss_sampler)
+        st = dp.coactivation_stats(g, tmp_path / "st", window=W, seq_len=L, client=c)
+        peaks = c.run(_rss_peak)
+        assert c.run(os.getpid) == pids                      # no worker was killed and restarted
+    assert max(peaks.values()) < limit, {a: p / 2**20 for a, p in peaks.items()}
+    assert st.n_tokens == window_count(n, L, W) == 500 * 32
+    # spot check against the definition on the first sequences
+    part = np.asarray(g.array[:20 * L])
+    ref = window_max(part, L, W)
+    got = dp.WindowedGates(g, W, seq_len=L)[0:ref.shape[0]]
+    assert np.array_equal(got, ref)
+    pc = full(st, "pair_count")
+    np.testing.assert_array_equal(np.diag(pc), st.fire_count)
+    assert 0.2 * st.n_tokens * k < st.fire_count.sum() < 0.6 * st.n_tokens * k   # 1 − 0.98³² ≈ 48% per window
