@@ -5,7 +5,12 @@
   nbconvert, rendered in headless Chromium (found, or installed on first use by :mod:`_browser`)
   and checked for its plots (with ``DISTPEN_UPDATE_SCREENSHOT=1`` the picture also replaces
   ``docs/monitor.png``, the README's);
-* ``monitor.ipynb`` is executed again while a co-activation job is still running in this process.
+* ``monitor.ipynb`` is executed again while a co-activation job is still running in this process;
+* ``checkpoint_to_clusters.ipynb`` writes a sparsify checkpoint and an activation bank, encodes them
+  on its own embedded cluster, and asserts in its cells that the statistics, neighbours and clusters
+  recover the groups of latents it planted.
+
+Every notebook is stored without outputs.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def render(html_path: Path, png_path: Path, profile: Path, size=(1100, 4600)) ->
 
     cmd = [_browser.chromium(), *_browser.FLAGS, f"--user-data-dir={profile}", f"--screenshot={png_path}",
            f"--window-size={size[0]},{size[1]}", html_path.as_uri()]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and png_path.exists(), res.stderr[-2000:]
     return np.asarray(Image.open(png_path).convert("RGB"), dtype=float)
 
@@ -170,7 +175,7 @@ def test_monitor_while_a_job_is_running(tour, kernel_env, dask_client, tmp_path)
     def resume():
         try:
             result["stats"] = dp.coactivation_stats(gates, store, client=dask_client, progress=hold)
-        except BaseException as exc:  # pragma: no cover - reported by the assertion below
+        except BaseException as exc:  # noqa: BLE001  # pragma: no cover - reported by the assertion below
             result["error"] = exc
 
     job = threading.Thread(target=resume, daemon=True)
@@ -193,3 +198,34 @@ def test_monitor_while_a_job_is_running(tour, kernel_env, dask_client, tmp_path)
     # the job then finishes normally
     st = db.status_json(store)["summary"]["coactivation"]
     assert (st["status"], st["units_done"]) == ("done", 10)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_notebook_is_stored_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_checkpoint_to_clusters_recovers_the_planted_groups(kernel_env, tmp_path, monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)  # the notebook starts its own LocalCluster
+    work = tmp_path / "work"
+    nb = execute("checkpoint_to_clusters.ipynb", dict(kernel_env, DISTPEN_CLUSTERS_DIR=str(work)), tmp_path)
+    text = stream_text(nb)  # the notebook's own asserts passed; these lines come after them
+    assert "encoded 5/5 chunks, 20,000 rows" in text
+    assert "the same pair_count, fire_count and pair_sum as from the gates store" in text
+    assert "the 104 strongest pairs are the pairs inside planted groups" in text
+    assert "all 8 planted groups recovered" in text
+    # the inputs are in the tools' layouts, the outputs where the notebook says
+    sae = dp.load_sae(work / "checkpoints" / "layers.6")
+    assert (sae.metadata["format"], sae.d_in, sae.d_sae, sae.k) == ("sparsify", 256, 512, 16)
+    acts = dp.open_activations(str(work / "activations" / "*.safetensors"))
+    assert (acts.n_rows, len(acts.paths)) == (20_000, 5)
+    assert dp.open_gates(work / "gates").n_tokens == 20_000
+    assert db.status_json(work / "stats", verify=True)["verify"]["ok"]
+    doc = json.loads((work / "neighbours" / "layers.6-co-occurrence.json").read_text())
+    assert sorted(map(int, doc)) == list(range(512))
+    assert all(0 < len(v) <= 10 and all(isinstance(b, int) for _, b in v) for v in doc.values())
+    imgs = png_arrays(nb)
+    assert len(imgs) == 2 and all(a.std() > 20 for a in imgs)  # the heatmap and the pair weights
