@@ -17,6 +17,7 @@ __all__ = [
     "StoreError",
     "StoreConflictError",
     "StoreCorruptError",
+    "WorkerLostError",
 ]
 
 
@@ -58,3 +59,8 @@ class StoreConflictError(StoreError):
 
 class StoreCorruptError(StoreError):
     """A store is damaged: its manifest disagrees with what is on disk."""
+
+
+class WorkerLostError(DistpenError, RuntimeError):
+    """A worker holding state that exists nowhere else (a resident solve's vectors) left the
+    cluster; the call can be re-run."""

@@ -67,13 +67,17 @@ def _matvec_part(r, pen, t, x, rho, damping: float, threads: int, extra=None):
             if kind == "diag":
                 y += op[r.c0:r.c1] * x[r.c0:r.c1]
             else:
-                rows = np.asarray(op(x, r.c0, r.c1), dtype=np.float64)
-                if rows.shape != (r.c1 - r.c0,):
-                    raise InvalidArgumentError(
-                        f"extra(x, {r.c0}, {r.c1}) returned shape {rows.shape}; expected ({r.c1 - r.c0},), the "
-                        "rows [c0, c1) of E·x")
-                y += rows
+                y += _extra_rows(op, x, r.c0, r.c1)
     return r.index, y
+
+
+def _extra_rows(fn, x, c0: int, c1: int) -> np.ndarray:
+    """Rows ``[c0, c1)`` of a user's ``E·x`` from ``fn(x, c0, c1)``, checked."""
+    rows = np.asarray(fn(x, c0, c1), dtype=np.float64)
+    if rows.shape != (c1 - c0,):
+        raise InvalidArgumentError(
+            f"extra(x, {c0}, {c1}) returned shape {rows.shape}; expected ({c1 - c0},), the rows [c0, c1) of E·x")
+    return rows
 
 
 def _check_extra(extra, n: int, t, client):
@@ -128,11 +132,14 @@ def _apply_precond_part(r, pen, pre, z):
 
 
 def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxiter: int = 200,
-                precond: str = "block", n_tasks: int | None = None, callback=None, extra=None) -> NewtonResult:
+                precond: str = "block", n_tasks: int | None = None, callback=None, extra=None,
+                vectors: str = "workers") -> NewtonResult:
     """Solve ``(H_GN + damping·I + E) x = rhs`` by matrix-free preconditioned conjugate gradients.
 
     Products with ``H_GN`` run on the cluster over owner-computes parts whose decoder rows stay in
-    worker memory across iterations; vectors live on the client.
+    worker memory across iterations. By default the PCG vectors (``x``, ``r``, ``z``, ``p``) and
+    the preconditioner live on the workers too, partitioned like the products, and only scalars
+    pass through the client per iteration (:mod:`distpen.curvature.resident`).
 
     Parameters
     ----------
@@ -160,6 +167,11 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
 
         Jacobi adds ``E``'s diagonal when it is known (a diagonal or a penalty); the block
         preconditioner adds, per atom, the mean of that diagonal over the atom's rows.
+    vectors : {"workers", "client"}
+        Where the PCG vectors live: on the workers (default; ``n_tasks`` parts, default one per
+        worker), or on the client, which ships the direction to every worker and gathers the
+        product each iteration (``n_tasks`` default: two per worker thread). An extra penalty of
+        another layout always takes the client path.
 
     Returns
     -------
@@ -170,12 +182,16 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     ------
     InvalidArgumentError
         On a non-positive damping or tol, an unknown preconditioner, or vectors of the wrong size.
+    WorkerLostError
+        A worker holding part of the solve's vectors (``vectors="workers"``) left the cluster; re-run.
     """
     damping = check_finite_scalar(damping, "damping", positive=True)
     tol = check_finite_scalar(tol, "tol", positive=True)
     maxiter = check_positive_int(maxiter, "maxiter")
     if precond not in PRECONDITIONERS:
         raise InvalidArgumentError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}")
+    if vectors not in ("workers", "client"):
+        raise InvalidArgumentError(f"vectors must be 'workers' or 'client', got {vectors!r}")
     t0 = time.perf_counter()
     check_penalty(penalty)
     if isinstance(penalty, NestedPrefixPenalty):
@@ -194,11 +210,30 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     client = _client()
     kind, extra_op, extra_diag = _check_extra(extra, n, t, client)
     threads = threads_per_task(client)
-    n_threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
-    ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
+    workers = client.scheduler_info()["workers"]
+    n_threads = sum(w.get("nthreads", 1) for w in workers.values())
     # the penalty and t travel to every worker once; each iteration ships only x
     pen_f = BROADCASTS.penalty(client, pen)
     t_f = BROADCASTS.array(client, "t", t_np)
+    if vectors == "workers" and (kind != "penalty" or _same_layout(pen, extra_op[0])):
+        from .resident import resident_pcg
+
+        # one part per worker, each running the kernels on its worker's threads
+        per_worker = max(1, n_threads // max(1, len(workers)))
+        ranges = DecoderPlan.balanced(pen, n_tasks or len(workers)).ranges
+        diag_f = None if extra_diag is None or precond == "none" else client.scatter(extra_diag, broadcast=True)
+        op = None
+        if kind == "diag":
+            op = ("diag", client.scatter(extra_op, broadcast=True))
+        elif kind is not None:
+            op = (kind, extra_op)
+        try:
+            return resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, precond=precond, damping=damping, tol=tol,
+                                maxiter=maxiter, threads=threads * per_worker if n_tasks is None else threads,
+                                extra=op, extra_diag_f=diag_f, callback=callback, t0=t0)
+        finally:
+            client.cancel([f for f in (diag_f, op[1] if kind == "diag" else None) if f is not None])
+    ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
     pre_f = []
     diag_f = None if extra_diag is None or precond == "none" else client.scatter(extra_diag, broadcast=True)
     if precond != "none":
@@ -253,6 +288,14 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     finally:
         client.cancel([pen_f, t_f, *pre_f, *([diag_f] if diag_f is not None else []),
                        *([worker_extra[1]] if kind == "diag" else [])])
+
+
+def _same_layout(pen, other) -> bool:
+    """True when ``other`` is a decoder penalty over the same blocks (its rows split like ``pen``'s)."""
+    from ..penalties import DecoderIncoherencePenalty
+
+    return (isinstance(other, DecoderIncoherencePenalty) and other.layout.p_out == pen.layout.p_out
+            and np.array_equal(other.layout.block_sizes, pen.layout.block_sizes))
 
 
 def _pcg(matvec, apply_m, b, tol, maxiter, precond, callback, t0) -> NewtonResult:

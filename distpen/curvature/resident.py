@@ -1,0 +1,246 @@
+"""Preconditioned conjugate gradients whose vectors live on the workers.
+
+The client-side PCG of :func:`~distpen.curvature.newton.newton_step` ships the search direction to
+every worker and gathers the product back on every iteration: at ``n`` coefficients that is
+``2·8n`` bytes through one process per iteration, and the client holds every vector. Here each
+part of an owner-computes split (:class:`~distpen.curvature.plan.DecoderPlan`, atom-aligned, one
+part per worker by default) keeps its rows of ``x``, ``r``, ``z``, ``p``, ``q = A p`` and its
+preconditioner in the memory of the worker it is pinned to, in a per-process registry
+(:data:`_STATE`). One iteration is three rounds of small tasks per part:
+
+1. ``direction``: ``p_i = z_i + β p_i``; its result is ``p_i`` itself, which the matvec tasks of
+   the other parts take as dependencies, so the scheduler moves it worker to worker;
+2. ``matvec`` (submitted with 1, no wait between them): ``q_i = (H_GN + δI + E) p`` for the part's
+   rows, from the full ``p`` assembled from the parts; returns ``⟨p_i, q_i⟩``;
+3. ``update`` (after the client has summed the dot products into ``α``): ``x_i += α p_i``,
+   ``r_i −= α q_i``, ``z_i = M_i r_i``; returns ``(⟨r_i, r_i⟩, ⟨r_i, z_i⟩)``.
+
+Only scalars reach the client. The preconditioners are block-diagonal by atom, so ``M_i`` is local.
+A part whose worker died cannot be recovered (its vectors were nowhere else): every wait checks
+the pinned workers are still there, and a task that finds its state missing raises; both end the
+solve with :class:`~distpen.errors.WorkerLostError` naming the part and worker, and the call can
+be re-run. The state of a solve is dropped on every worker when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from .._workers import kernel_threads
+from ..errors import WorkerLostError
+
+__all__ = ["resident_pcg"]
+
+#: per-process registry of the parts this worker holds: (solve id, part index) → state dict
+_STATE: dict = {}
+_STATE_LOCK = threading.Lock()
+#: seconds between checks that the pinned workers are alive while waiting on a round
+_LIVENESS_EVERY = 1.0
+
+
+def _state(sid: str, i: int) -> dict:
+    st = _STATE.get((sid, i))
+    if st is None:
+        from distributed import get_worker
+
+        try:
+            where = get_worker().address
+        except ValueError:
+            where = "this process"
+        raise WorkerLostError(
+            f"part {i} of resident solve {sid[:8]} is not on {where}: its worker was restarted or the task "
+            "ran elsewhere; the vectors of that part are lost — re-run newton_step")
+    return st
+
+
+def _apply_precond(st: dict, r: np.ndarray) -> np.ndarray:
+    m = st["pre"]
+    if m is None:
+        return r.copy()
+    if m.ndim == 3:
+        return st["pen"].layout.block_matmul(r, m, np.arange(st["range"].lo, st["range"].hi))
+    return m * r
+
+
+def _init(sid, i, rng, pen, t, rho, b_i, precond, damping, threads, extra, extra_diag):
+    """Store part ``i``'s state (``x = 0``, ``r = b``, ``z = M r``); returns ``(⟨b,b⟩, ⟨r,z⟩)``."""
+    from .newton import _precond_part
+
+    pre = None
+    if precond != "none":
+        pre = _precond_part(rng, pen, t, rho, precond, damping, threads, extra_diag)[1]
+    b_i = np.array(b_i, dtype=np.float64, copy=True)
+    st = {"range": rng, "pen": pen, "t": t, "rho": rho, "damping": float(damping), "threads": int(threads),
+          "extra": extra, "pre": pre, "x": np.zeros_like(b_i), "r": b_i, "p": None, "q": None}
+    with kernel_threads(threads):
+        st["z"] = _apply_precond(st, b_i)
+    with _STATE_LOCK:
+        _STATE[(sid, i)] = st
+    return float(np.dot(b_i, b_i)), float(np.dot(b_i, st["z"]))
+
+
+def _direction(sid, i, beta):
+    """``p_i = z_i + β p_i`` (``β`` None: the first direction, ``p = z``); returns ``p_i``."""
+    st = _state(sid, i)
+    p = st["z"].copy() if beta is None or st["p"] is None else st["z"] + beta * st["p"]
+    st["p"] = p
+    return p
+
+
+def _matvec(sid, i, *p_parts):
+    """``q_i`` = the part's rows of ``(H_GN + δI + E) p``; returns ``⟨p_i, q_i⟩``."""
+    st = _state(sid, i)
+    rng, pen = st["range"], st["pen"]
+    p = np.concatenate(p_parts) if len(p_parts) > 1 else p_parts[0]
+    with kernel_threads(st["threads"]):
+        q = pen._rows("psd_majorizer_hvp", st["t"], st["rho"], p, rng.lo, rng.hi)
+        q += st["damping"] * p[rng.c0:rng.c1]
+        extra = st["extra"]
+        if extra is not None:
+            kind, op = extra
+            if kind == "diag":
+                q += op[rng.c0:rng.c1] * p[rng.c0:rng.c1]
+            elif kind == "penalty":
+                pen2, rho2 = op
+                q += pen2._rows("psd_majorizer_hvp", st["t"], rho2, p, rng.lo, rng.hi)
+            else:
+                from .newton import _extra_rows
+
+                q += _extra_rows(op, p, rng.c0, rng.c1)
+    st["q"] = q
+    return float(np.dot(st["p"], q))
+
+
+def _update(sid, i, alpha):
+    """``x_i += α p_i``, ``r_i −= α q_i``, ``z_i = M_i r_i``; returns ``(⟨r,r⟩, ⟨r,z⟩)``."""
+    st = _state(sid, i)
+    st["x"] += alpha * st["p"]
+    st["r"] -= alpha * st["q"]
+    with kernel_threads(st["threads"]):
+        st["z"] = _apply_precond(st, st["r"])
+    return float(np.dot(st["r"], st["r"])), float(np.dot(st["r"], st["z"]))
+
+
+def _result(sid, i):
+    return _state(sid, i)["x"]
+
+
+def _drop(sid) -> int:
+    """Forget every part of solve ``sid`` held by this process (run on every worker at the end)."""
+    with _STATE_LOCK:
+        keys = [k for k in _STATE if k[0] == sid]
+        for k in keys:
+            del _STATE[k]
+    return len(keys)
+
+
+def held_parts() -> int:
+    """Parts of resident solves this process holds (for tests and diagnostics)."""
+    return len(_STATE)
+
+
+class _Solve:
+    """The client side of one resident solve: submits the rounds, sums their scalars, watches the
+    pinned workers."""
+
+    def __init__(self, client, ranges, workers):
+        self.client, self.ranges, self.workers = client, ranges, workers
+        self.sid = uuid.uuid4().hex
+        self.n_rounds = 0
+
+    def submit(self, fn, i, *args):
+        return self.client.submit(fn, self.sid, i, *args, workers=[self.workers[i]], allow_other_workers=False,
+                                  pure=False, key=f"distpen-pcg-{fn.__name__.strip('_')}-{self.sid[:12]}-"
+                                                  f"{self.n_rounds}-{i}")
+
+    def gather(self, futs):
+        """The futures' results, or :class:`WorkerLostError` if a pinned worker left meanwhile."""
+        from distributed import wait
+
+        self.n_rounds += 1
+        while True:
+            try:
+                wait(futs, timeout=_LIVENESS_EVERY)
+                break
+            except TimeoutError:
+                self.check_workers()
+        return self.client.gather(futs, direct=True)   # scalars, straight from the workers
+
+    def check_workers(self):
+        alive = set(self.client.scheduler_info(n_workers=-1)["workers"]) if _takes_n_workers(self.client) \
+            else set(self.client.scheduler_info()["workers"])
+        for i, w in enumerate(self.workers):
+            if w not in alive:
+                raise WorkerLostError(
+                    f"worker {w} holding part {i} of the resident Newton solve (coefficients "
+                    f"[{self.ranges[i].c0}, {self.ranges[i].c1})) left the cluster; its vectors are lost — "
+                    "re-run newton_step")
+
+    def close(self):
+        try:
+            self.client.run(_drop, self.sid)
+        except Exception:  # noqa: BLE001 - best effort: a lost worker holds nothing any more
+            pass
+
+
+def _takes_n_workers(client) -> bool:
+    import inspect
+
+    try:
+        return "n_workers" in inspect.signature(client.scheduler_info).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, tol, maxiter, threads,
+                 extra=None, extra_diag_f=None, callback=None, t0=None):
+    """Solve ``(H_GN + δI + E) x = b`` with the vectors on the workers (see the module docstring).
+
+    ``pen_f``/``t_f`` are the penalty and ``t`` already on every worker; ``ranges`` atom-aligned
+    parts (one per worker is best). Returns :class:`~distpen.curvature.newton.NewtonResult`; ``x``
+    is gathered to the client at the end.
+    """
+    from .newton import NewtonResult
+
+    t0 = time.perf_counter() if t0 is None else t0
+    bnorm = float(np.linalg.norm(b))
+    if bnorm == 0.0:
+        return NewtonResult(np.zeros_like(b), [0.0], 0, True, precond, time.perf_counter() - t0)
+    info = client.scheduler_info(n_workers=-1) if _takes_n_workers(client) else client.scheduler_info()
+    addrs = sorted(info["workers"])
+    workers = [addrs[i % len(addrs)] for i in range(len(ranges))]
+    solve = _Solve(client, ranges, workers)
+    try:
+        init = [solve.submit(_init, i, r, pen_f, t_f, rho, b[r.c0:r.c1], precond, damping, threads, extra,
+                             extra_diag_f) for i, r in enumerate(ranges)]
+        got = solve.gather(init)
+        rz = math.fsum(g[1] for g in got)
+        residuals, converged, it, beta = [1.0], False, 0, None
+        for it in range(1, maxiter + 1):
+            dirs = [solve.submit(_direction, i, beta) for i in range(len(ranges))]
+            mv = [solve.submit(_matvec, i, *dirs) for i in range(len(ranges))]
+            pap = math.fsum(solve.gather(mv))
+            del dirs, mv
+            if not pap > 0 or not math.isfinite(pap):
+                break
+            alpha = rz / pap
+            got = solve.gather([solve.submit(_update, i, alpha) for i in range(len(ranges))])
+            rel = math.sqrt(math.fsum(g[0] for g in got)) / bnorm
+            residuals.append(rel)
+            if callback is not None:
+                callback(it, rel)
+            if rel <= tol:
+                converged = True
+                break
+            rz_new = math.fsum(g[1] for g in got)
+            beta, rz = rz_new / rz, rz_new
+        parts = solve.gather([solve.submit(_result, i) for i in range(len(ranges))])
+        x = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+        return NewtonResult(x, residuals, it, converged, precond, time.perf_counter() - t0)
+    finally:
+        solve.close()

@@ -1,0 +1,108 @@
+"""Worker-resident PCG (``newton_step(vectors="workers")``): the same solves as the client path,
+state that never outlives a solve, and a named error when a worker holding part of it dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import distpen as dp
+from distpen.cli.demo import synthetic_decoder_problem
+from distpen.curvature import resident
+from distpen.curvature.newton import newton_step
+from distpen.errors import WorkerLostError
+
+from test_newton import _dense_solve, _problem
+
+
+def _held(client) -> int:
+    return sum(client.run(resident.held_parts).values())
+
+
+@pytest.mark.parametrize("precond", ["none", "jacobi", "block"])
+def test_resident_equals_client_path_and_dense_solve(client, precond):
+    pen, beta, rho, rhs = _problem(seed=3, spread=0.0 if precond == "none" else 1.0)
+    a = newton_step(pen, beta, rho, rhs, damping=0.3, tol=1e-12, maxiter=400, precond=precond)
+    b = newton_step(pen, beta, rho, rhs, damping=0.3, tol=1e-12, maxiter=400, precond=precond, vectors="client")
+    assert a.converged and b.converged
+    assert a.iterations == b.iterations
+    np.testing.assert_allclose(a.residuals, b.residuals, rtol=1e-6, atol=1e-13)
+    np.testing.assert_allclose(a.x, b.x, rtol=1e-10, atol=1e-12 * np.abs(b.x).max())
+    np.testing.assert_allclose(a.x, _dense_solve(pen, beta, rho, rhs, 0.3), rtol=1e-8, atol=1e-10)
+    assert _held(client) == 0          # every part's vectors dropped when the solve ended
+
+
+@pytest.mark.parametrize("n_tasks", [1, 3, 7])
+def test_any_number_of_parts(client, n_tasks):
+    pen, beta, rho, rhs = _problem(seed=1)
+    a = newton_step(pen, beta, rho, rhs, damping=0.5, tol=1e-11, maxiter=300, n_tasks=n_tasks)
+    np.testing.assert_allclose(a.x, _dense_solve(pen, beta, rho, rhs, 0.5), rtol=1e-8, atol=1e-10)
+
+
+def _extra_rows_fn(x, c0, c1):  # E = 0.7·I on every row, as a callable
+    return 0.7 * x[c0:c1]
+
+
+def test_extras_on_the_workers_match_the_client_path(client):
+    pen, beta, rho, rhs = _problem(seed=2)
+    _, pairs2, _ = synthetic_decoder_problem(30, 5, 40, max_block=3, seed=5)
+    other = dp.DecoderIncoherencePenalty.from_pairs(pairs2, pen.layout.block_sizes, 5, 0.7, normalize="frobenius")
+    rng = np.random.default_rng(0)
+    diag = rng.uniform(0.0, 2.0, beta.shape[0])
+    for extra in (diag, _extra_rows_fn, (other, np.zeros(other.rho_count))):
+        for precond in ("jacobi", "block"):
+            a = newton_step(pen, beta, rho, rhs, damping=0.2, tol=1e-12, maxiter=400, precond=precond, extra=extra)
+            b = newton_step(pen, beta, rho, rhs, damping=0.2, tol=1e-12, maxiter=400, precond=precond, extra=extra,
+                            vectors="client")
+            assert a.converged and b.converged
+            np.testing.assert_allclose(a.x, b.x, rtol=1e-9, atol=1e-12 * np.abs(b.x).max())
+    assert _held(client) == 0
+
+
+def test_an_error_in_a_part_drops_every_part(client):
+    pen, beta, rho, rhs = _problem(seed=2)
+
+    def bad(x, c0, c1):
+        return np.zeros(c1 - c0 + 1)
+
+    with pytest.raises(dp.errors.InvalidArgumentError, match=r"returned shape"):
+        newton_step(pen, beta, rho, rhs, damping=0.2, extra=bad)
+    assert _held(client) == 0
+    with pytest.raises(dp.errors.InvalidArgumentError, match="vectors must be 'workers' or 'client'"):
+        newton_step(pen, beta, rho, rhs, damping=0.2, vectors="gpu")
+
+
+def test_a_task_that_finds_no_state_names_the_part():
+    with pytest.raises(WorkerLostError, match="part 3 of resident solve .* re-run newton_step"):
+        resident._update("0123456789abcdef", 3, 1.0)
+
+
+def test_killed_worker_mid_solve_is_a_named_error_and_the_solve_can_be_rerun(tmp_path):
+    from distributed import Client, LocalCluster
+
+    pen, beta, rho, rhs = _problem(seed=4, K=60, p=6, n_pairs=300, spread=1.5)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      host="127.0.0.1") as cluster, Client(cluster, set_as_default=False) as c:
+        from distributed.client import _set_global_client
+
+        _set_global_client(c)
+        try:
+            pids = c.run(os.getpid)
+            victim = sorted(pids)[1]
+
+            def kill_at_3(it, rel):
+                if it == 3:
+                    os.kill(pids[victim], signal.SIGKILL)
+
+            with pytest.raises(WorkerLostError, match=r"part 1 of the resident Newton solve .* re-run newton_step"):
+                newton_step(pen, beta, rho, rhs, damping=0.1, tol=1e-14, maxiter=10_000, precond="none",
+                            callback=kill_at_3)
+            c.wait_for_workers(2, timeout=60)            # the nanny restarts it
+            ok = newton_step(pen, beta, rho, rhs, damping=0.1, tol=1e-10, maxiter=2000)
+            assert ok.converged
+            np.testing.assert_allclose(ok.x, _dense_solve(pen, beta, rho, rhs, 0.1), rtol=1e-7, atol=1e-9)
+        finally:
+            _set_global_client(None)
