@@ -17,8 +17,8 @@ from . import errors
 from .cluster import connect
 from .coactivation import (CoactivationStats, RelativeThreshold, WindowedGates, coactivation_stats, merge_stats,
                            open_stats, plan_coactivation)
-from .curvature import (FactoredMajorizer, NewtonResult, assemble_majorizer, collinearity_gate, evaluate,
-                        newton_recorder, newton_step, save_newton_result)
+from .curvature import (FactoredMajorizer, NewtonResult, Resident, assemble_majorizer, collinearity_gate,
+                        evaluate, newton_recorder, newton_step, save_newton_result)
 from .layout import DecoderLayout, PenaltyTier, PsiSlice
 from .pairs import PairTable
 from .penalties import DecoderIncoherencePenalty, NestedPrefixPenalty, Penalty, penalty_from_spec
@@ -67,6 +67,7 @@ __all__ = [
     "CoactivationStats",
     "plan_coactivation",
     "WindowedGates",
+    "Resident",
     # distributed evaluation, curvature assembly, Newton steps
     "evaluate",
     "assemble_majorizer",

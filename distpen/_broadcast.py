@@ -11,10 +11,15 @@ made from, and hands it back when the new input is *equal*:
 * a penalty by identity of the object and of its pair arrays, and equality of its spec.
 
 A future whose data was lost (its workers died) is not reused.
+
+Inside :meth:`BroadcastCache.scope` (what :class:`distpen.Resident` uses), entries belong to that
+scope: calls made for other penalties meanwhile do not replace them, and :meth:`BroadcastCache.release`
+drops them (and their data on the workers) when the scope's owner is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
@@ -32,10 +37,32 @@ class BroadcastCache:
     def __init__(self):
         self._entries: dict = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
 
-    @staticmethod
-    def _client_key(client):
-        return (id(client), getattr(client, "id", None))
+    def _client_key(self, client):
+        return (id(client), getattr(client, "id", None), getattr(self._local, "scope", None))
+
+    @contextlib.contextmanager
+    def scope(self, name):
+        """Entries made or found while the block runs (in this thread) belong to scope ``name``."""
+        old = getattr(self._local, "scope", None)
+        self._local.scope = name
+        try:
+            yield
+        finally:
+            self._local.scope = old
+
+    def release(self, name) -> int:
+        """Drop scope ``name``'s entries and release their futures; returns how many there were."""
+        with self._lock:
+            keys = [k for k in self._entries if k[0][2] == name]
+            entries = [self._entries.pop(k) for k in keys]
+        for e in entries:
+            try:
+                e["future"].release()
+            except Exception:  # noqa: BLE001 - a closed client has released it already
+                pass
+        return len(entries)
 
     def _get(self, client, name):
         with self._lock:

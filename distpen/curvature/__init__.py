@@ -14,6 +14,8 @@
     :class:`FactoredMajorizer`, the same majorizer as per-atom blocks plus pairs;
 :mod:`.newton`
     :func:`newton_step`, preconditioned CG on ``(H_GN + damping·I) x = rhs``;
+:mod:`.resident`
+    the PCG whose vectors stay on the workers, and :class:`Resident`, a penalty and ``t`` kept there;
 :mod:`.collinearity`
     :func:`collinearity_gate`, pair selection by the overlap of decoder blocks.
 
@@ -26,7 +28,9 @@ from .evaluate import evaluate
 from .factored import FactoredMajorizer
 from .newton import NewtonResult, newton_recorder, newton_step, save_newton_result
 from .plan import DecoderPlan, partition_atoms
+from .resident import Resident
 from .tiles import assemble_majorizer
 
 __all__ = ["OPS", "evaluate", "assemble_majorizer", "FactoredMajorizer", "newton_step", "NewtonResult",
-           "newton_recorder", "save_newton_result", "DecoderPlan", "partition_atoms", "collinearity_gate"]
+           "newton_recorder", "save_newton_result", "DecoderPlan", "partition_atoms", "collinearity_gate",
+           "Resident"]

@@ -106,3 +106,42 @@ def test_killed_worker_mid_solve_is_a_named_error_and_the_solve_can_be_rerun(tmp
             np.testing.assert_allclose(ok.x, _dense_solve(pen, beta, rho, rhs, 0.1), rtol=1e-7, atol=1e-9)
         finally:
             _set_global_client(None)
+
+
+def test_resident_handle_sends_t_once_and_releases_it(client, monkeypatch):
+    from distributed import Client
+
+    from distpen._broadcast import BROADCASTS
+
+    pen, beta, rho, rhs = _problem(seed=7)
+    other_pen, other_beta, other_rho, _ = _problem(seed=8)
+    sent = []
+    real = Client.scatter
+
+    def counting(self, data, *a, **kw):
+        sent.append(getattr(data, "nbytes", 0))
+        return real(self, data, *a, **kw)
+
+    monkeypatch.setattr(Client, "scatter", counting)
+    want = dp.evaluate(pen, beta, rho, ops=("value", "grad"))
+    with dp.Resident(pen, beta, rho) as r:
+        first = r.evaluate(ops=("value", "grad"))
+        n_first = len(sent)
+        dp.evaluate(other_pen, other_beta, other_rho, ops=("value",))   # another penalty meanwhile
+        n_other = len(sent)
+        again = r.evaluate(ops=("value", "grad"))
+        step = r.newton_step(rhs, damping=0.3, tol=1e-10, maxiter=300)
+        assert beta.nbytes not in sent[n_other:]                       # t was not sent again
+        assert len(sent) == n_other                                    # nor anything else scattered
+        assert sent[:n_first].count(beta.nbytes) >= 1                  # the first call sent it
+        beta[0] += 1.0                                                 # changed in place: seen, sent again
+        moved = r.evaluate(ops=("value",))
+        assert sent[n_other:].count(beta.nbytes) == 1
+        assert moved["value"] == dp.evaluate(pen, beta, rho, ops=("value",))["value"]
+        beta[0] -= 1.0
+    assert first["value"] == want["value"] and again["value"] == want["value"]
+    np.testing.assert_array_equal(again["grad"], want["grad"])
+    np.testing.assert_allclose(step.x, _dense_solve(pen, beta, rho, rhs, 0.3), rtol=1e-7, atol=1e-9)
+    assert BROADCASTS.release(r._scope) == 0                            # closing released its entries
+    with pytest.raises(dp.errors.InvalidArgumentError, match="closed"):
+        r.evaluate()
