@@ -6,7 +6,10 @@
   same top-k gates (``coactivation_stats`` + ``neighbours``) and from a finished statistics store.
 * **Clusters** (sae_cooccurrence): a dense float32 Jaccard matrix, then a bisection on the edge
   threshold with scipy's ``connected_components`` until the largest component has at most
-  ``max_size`` latents — against ``CoactivationStats.clusters`` on the finished store.
+  ``max_size`` latents — against ``CoactivationStats.clusters`` on the finished store (which
+  gathers only the strongest edges, tile by tile). Measured on their own: the peer from its count
+  matrix (its memory beyond the counts), distpen's client and busiest worker during the call alone,
+  the best of ``--repeat`` runs, with the load average (the machine may be shared).
 
 Peak memory: the peer's process against distpen's client and busiest worker. Ratios are peer time /
 distpen time (> 1: distpen is faster).
@@ -15,6 +18,8 @@ Usage::
 
     python benchmarks/analyses.py            # K = 16 384, 10⁷ top-32 tokens (several minutes)
     python benchmarks/analyses.py --quick    # a smoke run
+    python benchmarks/analyses.py --only clusters --tokens 1000000 --keep /tmp/an6   # clusters alone;
+                                             # a second run with the same --keep reuses gates and store
 """
 
 from __future__ import annotations
@@ -90,11 +95,48 @@ def peer_clusters(J, max_size: int, iters: int = 40):
     return hi, labels
 
 
+def _clusters_section(client, st, C, K, max_size, repeat):
+    """Peer (Jaccard + bisection from its counts) against ``st.clusters``: times, memory, agreement."""
+    times, client_extra, worker_peak, loads = [], 0, 0, []
+    for _ in range(repeat):
+        loads.append(os.getloadavg()[0])
+        client.run(_worker_rss_start)
+        with PeakRSS() as mem:
+            t, cl = timed(st.clusters, "jaccard", max_size=max_size, client=client)
+        worker_peak = max(worker_peak, max(client.run(_worker_rss_stop).values()))
+        times.append(t)
+        client_extra = max(client_extra, mem.extra)
+    loads.append(os.getloadavg()[0])
+    with PeakRSS() as peer_mem:
+        tj, J = timed(peer_jaccard, C)
+        tcl, (peer_thr, peer_lab) = timed(peer_clusters, J, max_size)
+        del J
+    loads.append(os.getloadavg()[0])
+    peer_groups = {frozenset(np.flatnonzero(peer_lab == g).tolist()) for g in np.unique(peer_lab)
+                   if np.sum(peer_lab == g) >= 2}
+    our_groups = {frozenset(r["members"].tolist()) for r in cl.rows}
+    best = min(times)
+    print(f"    clusters (max_size {max_size}): peer {fmt_ms(tj + tcl)} (Jaccard {fmt_ms(tj)}, bisection "
+          f"{fmt_ms(tcl)}), +{peer_mem.extra / 2**30:.2f} GiB beyond its counts; distpen best of {repeat} "
+          f"{fmt_ms(best)} (runs {', '.join(fmt_ms(t) for t in times)}), client +{client_extra / 2**20:.0f} MiB, "
+          f"busiest worker {worker_peak / 2**30:.2f} GiB RSS; ratio {(tj + tcl) / best:.1f}x faster, "
+          f"client memory {client_extra / max(peer_mem.extra, 1):.3f} of the peer's; load average "
+          f"{min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores")
+    print(f"    clusters: threshold peer {peer_thr:.6f} (bisection, 40 steps) vs distpen {cl.threshold:.6f} "
+          f"(exact over edge weights); groups identical: {peer_groups == our_groups} "
+          f"({len(peer_groups)} vs {len(our_groups)})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--atoms", type=int, default=None)
+    ap.add_argument("--only", choices=("all", "clusters"), default="all",
+                    help="clusters: the clusters comparison alone (the peer's counts read from the store)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of distpen's clusters (best reported)")
+    ap.add_argument("--keep", default=None,
+                    help="work directory kept afterwards; gates and store found there (same sizes) are reused")
     args = ap.parse_args(argv)
     import distpen as dp
 
@@ -103,52 +145,67 @@ def main(argv=None):
     m, max_size = (50 if args.quick else 250), 200
     print(f"distpen analyses benchmark{' (--quick)' if args.quick else ''}: {machine_line()}")
     print(f"top-32 gates, N = {N:,} tokens, K = {K:,} latents; neighbours top {m}; clusters max_size {max_size}")
-    work = tempfile.mkdtemp(prefix="distpen-bench-analyses-")
+    work = args.keep or tempfile.mkdtemp(prefix="distpen-bench-analyses-")
+    os.makedirs(work, exist_ok=True)
     cluster, client = make_cluster(2, "auto")
     try:
         warm_up(client, work)
-        gates = os.path.join(work, "gates")
-        dp.synth_gates(gates, N, K, topk=32, seed=3, client=client)
+        gates, stats_path = os.path.join(work, "gates"), os.path.join(work, "stats")
+        st = _reusable(gates, stats_path, N, K)
+        if st is None:
+            dp.synth_gates(gates, N, K, topk=32, seed=3, client=client, overwrite=True)
+        if args.only == "clusters":
+            if st is None:
+                st = dp.coactivation_stats(dp.open_gates(gates), stats_path, overwrite=True, client=client)
+            st.clusters("jaccard", threshold=1.0, client=client)  # warm: the workers import and compile
+            _clusters_section(client, st, st.block(0, K, 0, K, "pair_count"), K, max_size, args.repeat)
+            return
         # peer: one process, dense K × K
         with PeakRSS() as peer_mem:
             tc, (C, _) = timed(peer_counts, gates)
             tj, J = timed(peer_jaccard, C)
             tn, peer_nb = timed(peer_neighbours, J, m)
-            tcl, (peer_thr, peer_lab) = timed(peer_clusters, J, max_size)
+        del J
         peer_nb_total = tc + tj + tn
         # distpen: end to end from the gates, then from the finished store
         client.run(_worker_rss_start)
         with PeakRSS() as client_mem:
-            ts, st = timed(dp.coactivation_stats, dp.open_gates(gates), os.path.join(work, "stats"), overwrite=True,
+            ts, st = timed(dp.coactivation_stats, dp.open_gates(gates), stats_path, overwrite=True,
                            client=client)
             tnb, ours = timed(st.neighbours, "jaccard", m, os.path.join(work, "nb.json"), client=client)
-            tcd, cl = timed(st.clusters, "jaccard", max_size=max_size, client=client)
         worker_peak = max(client.run(_worker_rss_stop).values())
         # agreement
         same = sum(set(peer_nb[a]) == {p for _, p in ours[a]} for a in range(K))
         exact = sum(peer_nb[a] == [p for _, p in ours[a]] for a in range(K))
-        peer_groups = {frozenset(np.flatnonzero(peer_lab == g).tolist()) for g in np.unique(peer_lab)
-                       if np.sum(peer_lab == g) >= 2}
-        our_groups = {frozenset(r["members"].tolist()) for r in cl.rows}
         print_table(["task", "peer", "distpen", "ratio"], [
             ["neighbours, end to end from the gates", fmt_ms(peer_nb_total), fmt_ms(ts + tnb),
              f"{peer_nb_total / (ts + tnb):.2f}x"],
             ["neighbours, from a finished store", fmt_ms(tj + tn), fmt_ms(tnb), f"{(tj + tn) / tnb:.2f}x"],
-            ["clusters (from counts / from the store)", fmt_ms(tj + tcl), fmt_ms(tcd), f"{(tj + tcl) / tcd:.2f}x"],
         ], title="Times (peer: dense K×K counts from scipy.sparse products; distpen: 2 workers)")
-        print(f"    peer breakdown: counts {fmt_ms(tc)}, Jaccard {fmt_ms(tj)}, top-{m} {fmt_ms(tn)}, "
-              f"bisection {fmt_ms(tcl)}; distpen statistics {fmt_ms(ts)}")
+        print(f"    peer breakdown: counts {fmt_ms(tc)}, Jaccard {fmt_ms(tj)}, top-{m} {fmt_ms(tn)}; "
+              f"distpen statistics {fmt_ms(ts)}")
         print(f"    peak memory: peer process +{peer_mem.extra / 2**30:.2f} GiB; distpen client "
               f"+{client_mem.extra / 2**30:.2f} GiB, busiest worker {worker_peak / 2**30:.2f} GiB RSS "
               f"(ratio {max(client_mem.extra, worker_peak) / max(peer_mem.extra, 1):.2f} of the peer's)")
         print(f"    neighbour lists: {same}/{K} identical as sets, {exact}/{K} in the same order "
               "(differences are ties at the m-th score and float32 Jaccard in the peer)")
-        print(f"    clusters: threshold peer {peer_thr:.6f} (bisection, 40 steps) vs distpen {cl.threshold:.6f} "
-              f"(exact over edge weights); groups identical: {peer_groups == our_groups} "
-              f"({len(peer_groups)} vs {len(our_groups)})")
+        st.clusters("jaccard", threshold=1.0, client=client)
+        _clusters_section(client, st, C, K, max_size, args.repeat)
     finally:
         client.close()
         cluster.close()
+
+
+def _reusable(gates, stats_path, N, K):
+    """The finished store in a kept work directory, if its gates have these sizes."""
+    import distpen as dp
+
+    try:
+        g = dp.open_gates(gates)
+        st = dp.open_stats(stats_path)
+    except Exception:  # noqa: BLE001 - nothing (usable) there: build it
+        return None
+    return st if (g.n_tokens, g.k_atoms, st.n_tokens, st.k_atoms) == (N, K, N, K) else None
 
 
 if __name__ == "__main__":

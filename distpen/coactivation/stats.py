@@ -318,20 +318,28 @@ class CoactivationStats:
                  method: str = "components", top_m=None, seed: int = 0, client=None):
         """Groups of co-occurring latents from the pair graph, never from a dense ``K × K``.
 
+        The client gathers only the edges that decide the result, never every positive pair: the
+        edges above ``threshold`` when it is given, or else, strongest first in bands tile by tile,
+        those down to the weight at which the largest component outgrows ``max_size``
+        (:mod:`distpen.coactivation.clusters`). The result is that of
+        :func:`~distpen.coactivation.clusters.find_clusters` on ``self.pairs(measure=measure, top_m=top_m)``.
+
         Parameters
         ----------
         measure : str
             Edge weight (any of :data:`MEASURES`).
         threshold : float ≥ 0, optional
             Keep edges whose measure is strictly above it. Default for ``"components"``: the smallest
-            threshold (found by bisection over the edge weights) at which the largest connected
-            component has at most ``max_size`` latents, as sae_cooccurrence does.
+            threshold among the edge weights and 0 at which the largest connected component has at
+            most ``max_size`` latents, as sae_cooccurrence's bisection finds it.
         max_size : int ≥ 2
         method : {"components", "louvain"}
             Connected components of the thresholded graph, or networkx's Louvain communities of the
             weighted graph (threshold 0 unless given; ``seed`` fixes its order).
         top_m : int, optional
             Build the graph from each latent's ``top_m`` strongest partners only (smaller graphs).
+        client : distributed.Client or "local", optional
+            As for :meth:`pairs`.
 
         Returns
         -------
@@ -343,10 +351,10 @@ class CoactivationStats:
         >>> cl = st.clusters("jaccard", max_size=200)          # doctest: +SKIP
         >>> cl.threshold, cl.rows[0]["size"], cl.rows[0]["hub"]   # doctest: +SKIP
         """
-        from .clusters import find_clusters
+        from .clusters import stats_clusters
 
-        table = self.pairs(measure=measure, top_m=top_m, client=client)
-        return find_clusters(table, measure, threshold=threshold, max_size=max_size, method=method, seed=seed)
+        return stats_clusters(self, measure, threshold=threshold, max_size=max_size, method=method, top_m=top_m,
+                              seed=seed, client=client)
 
     def _tile_measure(self, I, J, measure, threshold, min_count):
         """(values, eligible) of shape (n_I, n_J) for the tile; eligible excludes a == b."""
