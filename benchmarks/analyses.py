@@ -132,8 +132,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--atoms", type=int, default=None)
-    ap.add_argument("--only", choices=("all", "clusters"), default="all",
-                    help="clusters: the clusters comparison alone (the peer's counts read from the store)")
+    ap.add_argument("--only", choices=("all", "clusters", "windows"), default="all",
+                    help="clusters: the clusters comparison alone (the peer's counts read from the store); "
+                         "windows: window statistics (W = 256) against per-token statistics alone")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of distpen's clusters (best reported)")
     ap.add_argument("--keep", default=None,
                     help="work directory kept afterwards; gates and store found there (same sizes) are reused")
@@ -154,6 +155,9 @@ def main(argv=None):
         st = _reusable(gates, stats_path, N, K)
         if st is None:
             dp.synth_gates(gates, N, K, topk=32, seed=3, client=client, overwrite=True)
+        if args.only == "windows":
+            _windows_section(client, gates, work, st)
+            return
         if args.only == "clusters":
             if st is None:
                 st = dp.coactivation_stats(dp.open_gates(gates), stats_path, overwrite=True, client=client)
@@ -191,9 +195,37 @@ def main(argv=None):
               "(differences are ties at the m-th score and float32 Jaccard in the peer)")
         st.clusters("jaccard", threshold=1.0, client=client)
         _clusters_section(client, st, C, K, max_size, args.repeat)
+        _windows_section(client, gates, work, st, ts)
     finally:
         client.close()
         cluster.close()
+
+
+def _windows_section(client, gates, work, st=None, t_tokens=None, window=256, seq_len=1024):
+    """Window co-occurrence (W = 256 within sequences of 1 024 tokens) against per-token statistics
+    of the same gates, same cluster: the time, the window density and the kernel routes taken."""
+    import distpen as dp
+
+    g = dp.open_gates(gates)
+    if t_tokens is None:
+        t_tokens, st = timed(dp.coactivation_stats, g, os.path.join(work, "stats-tokens"), overwrite=True,
+                             client=client)
+    load0 = os.getloadavg()[0]
+    tw, sw = timed(dp.coactivation_stats, g, os.path.join(work, "stats-windows"), window=window, seq_len=seq_len,
+                   overwrite=True, client=client)
+    p = sw._job.progress()
+    per_window = float(sw.fire_count.sum()) / sw.n_tokens
+    per_token = float(st.fire_count.sum()) / st.n_tokens
+    pairs_tok = st.n_tokens * per_token * (per_token + 1) / 2
+    pairs_win = sw.n_tokens * per_window * (per_window + 1) / 2
+    print_table(["statistics", "rows", "latents per row", "pair products", "time", "routes (scatter/blas)"], [
+        ["per token", f"{st.n_tokens:,}", f"{per_token:.1f}", f"{pairs_tok:.3g}", fmt_ms(t_tokens), "-"],
+        [f"per window of {window}", f"{sw.n_tokens:,}", f"{per_window:.1f} ({per_window / sw.k_atoms:.0%})",
+         f"{pairs_win:.3g}", fmt_ms(tw), f"{p['routes']['scatter']}/{p['routes']['blas']}"],
+    ], title=f"Window co-occurrence (W = {window}, seq_len = {seq_len}) vs per token, same gates, 2 workers")
+    print(f"    windows / tokens time: {tw / t_tokens:.2f}x (target ≤ 1.5x); load average {load0:.1f} → "
+          f"{os.getloadavg()[0]:.1f}. A window's union of latents makes ~{pairs_win / pairs_tok:.0f}x the "
+          "per-token pair products: rows that dense take the BLAS route per tile")
 
 
 def _reusable(gates, stats_path, N, K):
