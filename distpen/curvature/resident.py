@@ -6,16 +6,21 @@ every worker and gathers the product back on every iteration: at ``n`` coefficie
 part of an owner-computes split (:class:`~distpen.curvature.plan.DecoderPlan`, atom-aligned, one
 part per worker by default) keeps its rows of ``x``, ``r``, ``z``, ``p``, ``q = A p`` and its
 preconditioner in the memory of the worker it is pinned to, in a per-process registry
-(:data:`_STATE`). One iteration is three rounds of small tasks per part:
+(:data:`_STATE`). One iteration is three small tasks per part, each depending directly on the
+previous step's tasks of every part, so the client is not on the critical path:
 
-1. ``direction``: ``p_i = z_i + β p_i``; its result is ``p_i`` itself, which the matvec tasks of
-   the other parts take as dependencies, so the scheduler moves it worker to worker;
-2. ``matvec`` (submitted with 1, no wait between them): ``q_i = (H_GN + δI + E) p`` for the part's
-   rows, from the full ``p`` assembled from the parts; returns ``⟨p_i, q_i⟩``;
-3. ``update`` (after the client has summed the dot products into ``α``): ``x_i += α p_i``,
+1. ``direction`` (depends on every part's previous ``update``): ``β`` and the stopping test from
+   their dot products, then ``p_i = z_i + β p_i``; its result is ``p_i`` itself, which the matvec
+   tasks of the other parts take as dependencies, so the scheduler moves it worker to worker;
+2. ``matvec``: ``q_i = (H_GN + δI + E) p`` for the part's rows, from the full ``p`` assembled from
+   the parts; returns ``⟨p_i, q_i⟩``;
+3. ``update`` (depends on every ``matvec``): ``α`` from their dot products, ``x_i += α p_i``,
    ``r_i −= α q_i``, ``z_i = M_i r_i``; returns ``(⟨r_i, r_i⟩, ⟨r_i, z_i⟩)``.
 
-Only scalars reach the client. The preconditioners are block-diagonal by atom, so ``M_i`` is local.
+Every part sums the same numbers in the same order (``math.fsum``), so all take the same ``α``,
+``β`` and decision to stop. The client submits :data:`AHEAD` iterations ahead and reads each
+iteration's update results (scalars only) for the residual history, the callback and the end;
+iterations submitted past the end see the same residual and do nothing. The preconditioners are block-diagonal by atom, so ``M_i`` is local.
 A part whose worker died cannot be recovered (its vectors were nowhere else): every wait checks
 the pinned workers are still there, and a task that finds its state missing raises; both end the
 solve with :class:`~distpen.errors.WorkerLostError` naming the part and worker, and the call can
@@ -45,6 +50,9 @@ _STATE: dict = {}
 _STATE_LOCK = threading.Lock()
 #: seconds between checks that the pinned workers are alive while waiting on a round
 _LIVENESS_EVERY = 1.0
+#: iterations submitted ahead of the one the client waits for: the next iterations' tasks depend on
+#: this one's results directly, so the client's round trip is off the critical path
+AHEAD = 2
 
 
 def _state(sid: str, i: int) -> dict:
@@ -88,17 +96,36 @@ def _init(sid, i, rng, pen, t, rho, b_i, precond, damping, threads, extra, extra
     return float(np.dot(b_i, b_i)), float(np.dot(b_i, st["z"]))
 
 
-def _direction(sid, i, beta):
-    """``p_i = z_i + β p_i`` (``β`` None: the first direction, ``p = z``); returns ``p_i``."""
+def _direction(sid, i, bnorm, tol, *scalars):
+    """``p_i = z_i + β p_i``; returns ``p_i``, or None once the solve has stopped.
+
+    ``scalars`` are the previous round's results of every part: ``_init``'s ``(⟨b,b⟩, ⟨r,z⟩)``
+    on the first iteration, then ``_update``'s ``(⟨r,r⟩, ⟨r,z⟩)`` (None for a part that stopped,
+    ``"breakdown"`` after a non-positive curvature). Every part computes the same ``β`` and the
+    same decision to stop (``‖r‖/‖b‖ ≤ tol``) from them, so no client sits between iterations.
+    """
     st = _state(sid, i)
-    p = st["z"].copy() if beta is None or st["p"] is None else st["z"] + beta * st["p"]
-    st["p"] = p
-    return p
+    if st.get("stop") or any(x is None or isinstance(x, str) for x in scalars):
+        st["stop"] = True
+        return None
+    rz = math.fsum(x[1] for x in scalars)
+    if st["p"] is None:  # the first direction: p = z
+        st["rz"], st["p"] = rz, st["z"].copy()
+        return st["p"]
+    if math.sqrt(math.fsum(x[0] for x in scalars)) / bnorm <= tol:
+        st["stop"] = True
+        return None
+    beta, st["rz"] = rz / st["rz"], rz
+    st["p"] = st["z"] + beta * st["p"]
+    return st["p"]
 
 
 def _matvec(sid, i, *p_parts):
-    """``q_i`` = the part's rows of ``(H_GN + δI + E) p``; returns ``⟨p_i, q_i⟩``."""
+    """``q_i`` = the part's rows of ``(H_GN + δI + E) p``; returns ``⟨p_i, q_i⟩`` (None once stopped)."""
     st = _state(sid, i)
+    if st.get("stop") or any(x is None for x in p_parts):
+        st["stop"] = True
+        return None
     rng, pen = st["range"], st["pen"]
     p = np.concatenate(p_parts) if len(p_parts) > 1 else p_parts[0]
     with kernel_threads(st["threads"]):
@@ -120,9 +147,19 @@ def _matvec(sid, i, *p_parts):
     return float(np.dot(st["p"], q))
 
 
-def _update(sid, i, alpha):
-    """``x_i += α p_i``, ``r_i −= α q_i``, ``z_i = M_i r_i``; returns ``(⟨r,r⟩, ⟨r,z⟩)``."""
+def _update(sid, i, *paps):
+    """``α = ⟨r,z⟩ / Σ⟨p,q⟩`` (each part sums the same numbers), ``x_i += α p_i``, ``r_i −= α q_i``,
+    ``z_i = M_i r_i``; returns ``(⟨r,r⟩, ⟨r,z⟩)``, ``"breakdown"`` when ``⟨p, Hp⟩`` is not
+    positive and finite, or None once stopped."""
     st = _state(sid, i)
+    if st.get("stop") or any(x is None for x in paps):
+        st["stop"] = True
+        return None
+    pap = math.fsum(paps)
+    if not pap > 0 or not math.isfinite(pap):
+        st["stop"] = True
+        return "breakdown"
+    alpha = st["rz"] / pap
     st["x"] += alpha * st["p"]
     st["r"] -= alpha * st["q"]
     with kernel_threads(st["threads"]):
@@ -155,18 +192,18 @@ class _Solve:
     def __init__(self, client, ranges, workers):
         self.client, self.ranges, self.workers = client, ranges, workers
         self.sid = uuid.uuid4().hex
-        self.n_rounds = 0
+        self.n_tasks = 0
 
     def submit(self, fn, i, *args):
+        self.n_tasks += 1  # every task its own key: iterations submitted ahead must not merge
         return self.client.submit(fn, self.sid, i, *args, workers=[self.workers[i]], allow_other_workers=False,
                                   pure=False, key=f"distpen-pcg-{fn.__name__.strip('_')}-{self.sid[:12]}-"
-                                                  f"{self.n_rounds}-{i}")
+                                                  f"{self.n_tasks}-{i}")
 
     def gather(self, futs):
         """The futures' results, or :class:`WorkerLostError` if a pinned worker left meanwhile."""
         from distributed import wait
 
-        self.n_rounds += 1
         while True:
             try:
                 wait(futs, timeout=_LIVENESS_EVERY)
@@ -219,21 +256,29 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
     addrs = sorted(info["workers"])
     workers = [addrs[i % len(addrs)] for i in range(len(ranges))]
     solve = _Solve(client, ranges, workers)
+    parts = range(len(ranges))
     try:
-        init = [solve.submit(_init, i, r, pen_f, t_f, rho, b[r.c0:r.c1], precond, damping, threads, extra,
+        prev = [solve.submit(_init, i, r, pen_f, t_f, rho, b[r.c0:r.c1], precond, damping, threads, extra,
                              extra_diag_f) for i, r in enumerate(ranges)]
-        got = solve.gather(init)
-        rz = math.fsum(g[1] for g in got)
-        residuals, converged, it, beta = [1.0], False, 0, None
+        solve.gather(prev)  # the parts exist (and the preconditioners are built) before iterating
+        residuals, converged, it = [1.0], False, 0
+        rounds = {}  # iteration → its update futures, submitted up to AHEAD iterations early
+
+        def submit(k, scalars):
+            dirs = [solve.submit(_direction, i, bnorm, tol, *scalars) for i in parts]
+            mv = [solve.submit(_matvec, i, *dirs) for i in parts]
+            rounds[k] = [solve.submit(_update, i, *mv) for i in parts]
+
+        submit(1, prev)
+        for k in range(2, min(maxiter, AHEAD) + 1):
+            submit(k, rounds[k - 1])
         for it in range(1, maxiter + 1):
-            dirs = [solve.submit(_direction, i, beta) for i in range(len(ranges))]
-            mv = [solve.submit(_matvec, i, *dirs) for i in range(len(ranges))]
-            pap = math.fsum(solve.gather(mv))
-            del dirs, mv
-            if not pap > 0 or not math.isfinite(pap):
+            got = solve.gather(rounds[it])
+            if it + AHEAD <= maxiter:
+                submit(it + AHEAD, rounds[it + AHEAD - 1])
+            del rounds[it]
+            if any(g is None or isinstance(g, str) for g in got):  # breakdown: x as it was
                 break
-            alpha = rz / pap
-            got = solve.gather([solve.submit(_update, i, alpha) for i in range(len(ranges))])
             rel = math.sqrt(math.fsum(g[0] for g in got)) / bnorm
             residuals.append(rel)
             if callback is not None:
@@ -241,10 +286,12 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
             if rel <= tol:
                 converged = True
                 break
-            rz_new = math.fsum(g[1] for g in got)
-            beta, rz = rz_new / rz, rz_new
-        parts = solve.gather([solve.submit(_result, i) for i in range(len(ranges))])
-        x = np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+        # iterations submitted past the end stop themselves (they see the same residual); wait for
+        # them so that x is read after they have run
+        solve.gather([f for fs in rounds.values() for f in fs])
+        rounds.clear()
+        out = solve.gather([solve.submit(_result, i) for i in parts])
+        x = np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
         return NewtonResult(x, residuals, it, converged, precond, time.perf_counter() - t0)
     finally:
         solve.close()
