@@ -15,6 +15,9 @@ Run ``python benchmarks/penalties.py`` for the full problems (a few minutes on 2
    vs the memcpy bandwidth, and vs plain numpy.
 4. NestedPrefixPenalty.value_grad_diag (one fused pass, out= buffers) on 100 000 × 1 024 against the
    three separate calls and the memcpy bandwidth (target ≥ 40%).
+5. dp.collinearity_gate on 10⁶ random candidate pairs, K = 32 768, M = 4, p_out = 256, β in Zarr (zstd and
+   uncompressed), 2 workers, and collinearity_gate_local in process: pairs/s (target ≥ 10⁶/s on 2 workers),
+   the workers' CPU seconds, one task's phases and GFLOP/s against a GEMM (``--only gate``).
 
 Every distpen result is checked against the plain reference (≤ 1e-10 relative) before timing.
 """
@@ -448,9 +451,48 @@ def bench_nested_fused(args, summary):
                     ("bw", t.nbytes / tf.best / 1e9, copy_bw, 0.40)])
 
 
+def _worker_cpu():
+    import time
+
+    return time.process_time()
+
+
+def _gate_phases(j, k, z, sizes, p):
+    """On a worker: the phases of one gate task timed apart (wall, CPU seconds): reading β from Zarr
+    (``_chunkio.read_rows``), the blocks' Gram norms, and the pair kernel."""
+    import time
+
+    from distpen._workers import kernel_threads
+    from distpen.curvature._span import read_span
+    from distpen.curvature._vectors import VectorSource
+    from distpen.penalties.collinearity import block_gram_norms, overlap_of
+
+    lay = dp.DecoderLayout(sizes, p)
+    j, k = j - 0, k - 0  # writable, as the gate's tasks pass them (numba compiles per read-only flag)
+    out = {}
+    w, c = time.perf_counter(), time.thread_time()
+    t = read_span(VectorSource("zarr", z, lay.n_coef), None, 0, lay.n_coef)
+    out["read"] = (time.perf_counter() - w, time.thread_time() - c)
+    with kernel_threads(1):  # as in a task of a 1-thread worker on a 2-core machine
+        w, c = time.perf_counter(), time.thread_time()
+        norms = block_gram_norms(t, lay)
+        out["norms"] = (time.perf_counter() - w, time.thread_time() - c)
+        w, c = time.perf_counter(), time.thread_time()
+        overlap_of(j, k, t, lay, norms)
+        out["kernel"] = (time.perf_counter() - w, time.thread_time() - c)
+    return out
+
+
 def bench_collinearity(args, summary):
-    """dp.collinearity_gate on 10⁶ candidate pairs, decoder from Zarr, 2 workers, against a GEMM."""
+    """dp.collinearity_gate on 10⁶ candidate pairs, decoder from Zarr, 2 workers, against a GEMM.
+
+    Besides wall time it reports the CPU seconds the busiest worker spent per call (``process_time``
+    on the worker, before and after): on a machine shared with other work the wall time mostly
+    measures the others, the CPU time is what the call costs; ``n / cpu`` is the rate it would reach
+    with the cores to itself. One worker task's phases (read, norms, kernel) are timed apart as well.
+    """
     import tempfile
+    import time
 
     import zarr
     from distributed import Client, LocalCluster
@@ -466,30 +508,65 @@ def bench_collinearity(args, summary):
     code = rng.permutation(code[(code // K) != (code % K)])
     code = np.sort(code[:n_pairs])
     pairs = dp.PairTable(code // K, code % K, np.ones(code.shape[0]), K)
+    n = len(pairs)
     flops = 2.0 * float(np.sum(sizes[pairs.j] * sizes[pairs.k])) * p  # the M_j × M_k products B_j B_kᵀ
-    print(f"\n[5] collinearity_gate: {len(pairs):,} candidate pairs, K = {K}, M = {M}, p_out = {p}, "
+    repeat = 1 if args.quick else 3
+    print(f"\n[5] collinearity_gate: {n:,} candidate pairs, K = {K}, M = {M}, p_out = {p}, "
           f"decoder {beta.nbytes / 2**20:.0f} MiB in Zarr, 2 workers × 1 thread")
+    load = lambda: f"{os.getloadavg()[0]:.1f}"  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp, \
             LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
-        z = zarr.create_array(f"{tmp}/beta.zarr", shape=beta.shape, chunks=(M * p * 1024,), dtype="f8")
-        z[:] = beta
-        dp.collinearity_gate(pairs[:1000], z, sizes, p, client=client)  # compile on the workers
-        tg = time_best(lambda: dp.collinearity_gate(pairs, z, sizes, p, client=client), repeat=1 if args.quick else 3,
-                       warmup=0)
-        got = dp.collinearity_gate(pairs, z, sizes, p, client=client)
+        zs = {}
+        for codec, compressors in (("zstd", "auto"), ("none", None)):  # Zarr's default codec, and none
+            zs[codec] = zarr.create_array(f"{tmp}/beta-{codec}.zarr", shape=beta.shape, chunks=(M * p * 1024,),
+                                          dtype="f8", compressors=compressors)
+            zs[codec][:] = beta
+        dp.collinearity_gate(pairs[:1000], zs["zstd"], sizes, p, client=client)  # compile on the workers
+        timed, results = {}, {}
+        for codec, z in zs.items():
+            walls, cpus = [], []
+            for _ in range(repeat):
+                c0 = client.run(_worker_cpu)
+                w0 = time.perf_counter()
+                got = dp.collinearity_gate(pairs, z, sizes, p, client=client)
+                walls.append(time.perf_counter() - w0)
+                c1 = client.run(_worker_cpu)
+                cpus.append(max(c1[w] - c0[w] for w in c0))
+            timed[codec] = (min(walls), min(cpus), load())
+            results[codec] = got
+        half = n // 2
+        phases = client.submit(_gate_phases, pairs.j[:half], pairs.k[:half], zs["zstd"], sizes, p, pure=False).result()
     ref, _ = collinearity_gate_local(pairs, beta, sizes, p)
-    assert np.array_equal(got.j, ref.j) and np.array_equal(got.w, ref.w), "distributed gate differs from in memory"
-    tl = time_best(lambda: collinearity_gate_local(pairs, beta, sizes, p), repeat=1 if args.quick else 3, warmup=0)
+    for got in results.values():
+        assert np.array_equal(got.j, ref.j) and np.array_equal(got.w, ref.w), "distributed gate differs from in memory"
+    lw, lc = [], []
+    for _ in range(repeat):
+        c0, w0 = time.process_time(), time.perf_counter()
+        collinearity_gate_local(pairs, beta, sizes, p)
+        lw.append(time.perf_counter() - w0)
+        lc.append(time.process_time() - c0)
+    load_local = load()
     peak = gemm_peak(1500 if args.quick else 3000, repeat=2 if args.quick else 3)
-    rate = len(pairs) / tg.best
-    rows = [["collinearity_gate, 2 workers (Zarr β)", fmt_ms(tg.best), f"{rate / 1e6:.2f} M/s",
-             f"{flops / tg.best / 1e9:.1f}"],
-            ["collinearity_gate_local, in process", fmt_ms(tl.best), f"{len(pairs) / tl.best / 1e6:.2f} M/s",
-             f"{flops / tl.best / 1e9:.1f}"]]
-    print_table(["path", "time", "pairs/s", "GFLOP/s"], rows)
-    print(f"    float64 GEMM measured now: {peak:.1f} GFLOP/s (all cores); {len(ref):,} pairs kept at low = 0.5; "
-          "equal to the in-memory kernel")
+    load_gemm = load()
+    tg, tl, cl = timed["zstd"][0], min(lw), min(lc)
+    rate = n / tg
+    rows = []
+    for codec, label in (("zstd", "collinearity_gate, 2 workers (Zarr β, zstd)"),
+                         ("none", "collinearity_gate, 2 workers (Zarr β, uncompressed)")):
+        w, c, ld = timed[codec]
+        rows.append([label, fmt_ms(w), f"{n / w / 1e6:.2f} M/s", f"{flops / w / 1e9:.1f}", f"{c:.2f} s",
+                     f"{n / c / 1e6:.2f} M/s", ld])
+    rows.append(["collinearity_gate_local, in process (2 threads)", fmt_ms(tl), f"{n / tl / 1e6:.2f} M/s",
+                 f"{flops / tl / 1e9:.1f}", f"{cl:.2f} s", f"{2 * n / cl / 1e6:.2f} M/s", load_local])
+    print_table(["path", "time", "pairs/s", "GFLOP/s", "CPU/call", "pairs/s at that CPU", "load"], rows)
+    print("    CPU/call: the busiest worker's CPU seconds per call (2 workers), or the process's over its 2 "
+          "threads in process; the last rate is n / that (in process: 2n / CPU), what idle cores would give")
+    ph = ", ".join(f"{name} {w * 1e3:.0f} ms wall / {c * 1e3:.0f} ms CPU" for name, (w, c) in phases.items())
+    print(f"    one worker task on {half:,} pairs: {ph}")
+    print(f"    float64 GEMM measured now: {peak:.1f} GFLOP/s (all cores, load {load_gemm}); the gate reached "
+          f"{flops / tg / 1e9 / peak:.0%} of it on 2 workers, {flops / tl / 1e9 / peak:.0%} in process; "
+          f"{len(ref):,} pairs kept at low = 0.5; equal to the in-memory kernel")
     summary.append(["collinearity_gate, s per 10⁶ pairs", "10⁶ pairs/s target", 1.0, 1e6 / rate, 1.0])
 
 
@@ -521,10 +598,12 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=10, help="timed runs of the fast implementations (best is kept)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.func comparison")
     ap.add_argument("--no-gamfit", action="store_true", help="skip the gamfit (seed engine) comparison")
-    ap.add_argument("--only", choices=["decoder", "normalized", "dense", "nested", "fused", "collinearity"],
+    ap.add_argument("--only", choices=["decoder", "normalized", "dense", "nested", "fused", "collinearity", "gate"],
                     action="append",
                     help="run only these sections (repeatable)")
     args = ap.parse_args(argv)
+    if args.only:  # "gate" names the collinearity_gate case too
+        args.only = ["collinearity" if name == "gate" else name for name in args.only]
     if args.quick:
         args.repeat = min(args.repeat, 3)
     print(f"distpen penalty benchmarks{' (--quick)' if args.quick else ''}: {machine_line()}")

@@ -142,15 +142,21 @@ def direct_layout(arr, rows: bool = True) -> _Layout | None:
                    meta.chunk_key_encoding.encode_chunk_key)
 
 
-def read_rows(arr, r0: int, r1: int, c0: int | None = None, c1: int | None = None) -> np.ndarray:
-    """``arr[r0:r1]`` (or ``arr[r0:r1, c0:c1]``) as a new C-contiguous numpy array.
+def read_rows(arr, r0: int, r1: int, c0: int | None = None, c1: int | None = None, *,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """``arr[r0:r1]`` (or ``arr[r0:r1, c0:c1]``) as a new C-contiguous numpy array, or into ``out``.
 
-    Arrays that :func:`direct_layout` does not handle (and numpy or dask arrays) are read
-    through their own indexing.
+    ``out``, when given, must be a C-contiguous array of the selection's shape (rows clipped to the
+    array); chunks are then decoded straight into it (a buffer the caller shares or reuses) and it
+    is returned. Arrays that :func:`direct_layout` does not handle (and numpy or dask arrays) are
+    read through their own indexing (then copied into ``out``).
     """
     lay = direct_layout(arr)
     if lay is None:
         sel = np.s_[r0:r1] if c0 is None else np.s_[r0:r1, c0:c1]
+        if out is not None:
+            out[...] = np.asarray(arr[sel])
+            return out
         return np.ascontiguousarray(np.asarray(arr[sel]))
     n_rows = lay.shape[0]
     r0, r1 = max(0, int(r0)), min(n_rows, int(r1))
@@ -161,7 +167,11 @@ def read_rows(arr, r0: int, r1: int, c0: int | None = None, c1: int | None = Non
     c1 = width if c1 is None else min(width, int(c1))
     c1 = max(c0, c1)
     out_shape = (r1 - r0, c1 - c0) if two_d else (r1 - r0,)
-    out = np.empty(out_shape, dtype=lay.dtype)
+    if out is None:
+        out = np.empty(out_shape, dtype=lay.dtype)
+    elif tuple(out.shape) != out_shape or out.dtype != lay.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {lay.dtype} array of shape {out_shape}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     if out.size == 0:
         return out
     out2 = out.reshape(r1 - r0, -1)

@@ -18,7 +18,10 @@ Each public kernel is a Python function that allocates its output and runs a ser
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .._parallel import n_chunks_of, run_chunks
 
@@ -567,3 +570,156 @@ def _self_gram_norms_k(c0, c1, beta, off, m, p, mmax, out):
                 for c in range(ma):
                     s += C[r, c] * C[r, c]
             out[a] = np.sqrt(s)
+
+
+# ---------------------------------------------------------------- collinearity gate: prefetching pair kernel
+# Candidate pairs are random, so the partner block B_k of each pair comes from memory (8 KiB for
+# M = 4, p = 256) while B_j stays in cache across the pairs of one atom. Measured here the plain
+# pair kernel waits on those loads (0.6 M pairs/s a core, 2.4 M/s when both blocks are in L1), and
+# a burst of prefetches per pair does not help (the fill buffers overflow), so the blocks of 4 rows
+# use a 4 × 4 register tile whose o-loop is cut into segments of _PF_SEG entries, each preceded by
+# a few prefetches of the partner block _PF_AHEAD pairs ahead: the loads of the next pairs overlap
+# the arithmetic of this one.
+
+_PF_SEG = 32
+_PF_AHEAD = 2
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Prefetch the cache line of ``arr[idx]`` for reading (``llvm.prefetch``; no fault, no bounds check)."""
+    def codegen(context, builder, sig, args):
+        aryty = sig.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        # read, high temporal locality (into L1), data cache
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(arr, idx), codegen
+
+
+@njit(**_INL)
+def _sq_tiles4(x, oj, mj, ok, mk, p, pf, pf_end):
+    """``‖B_j B_kᵀ‖²_F`` for ``M_j``, ``M_k`` multiples of 4, by 4 × 4 register tiles; prefetches the
+    entries ``[pf, pf_end)`` of ``x`` spread over the o-loop (``pf_end ≤ pf``: none)."""
+    up = _U(p)
+    seg = _U(_PF_SEG)
+    n_seg = (p + _PF_SEG - 1) // _PF_SEG
+    n_steps = (mj // 4) * (mk // 4) * n_seg
+    lines = (pf_end - pf + 15) // 8 if pf_end > pf else 0  # one line more: blocks need not be line-aligned
+    per = (lines + n_steps - 1) // n_steps
+    cur = _U(pf)
+    last = _U(pf_end - 1) if pf_end > pf else _U(0)
+    s = 0.0
+    for r in range(0, mj, 4):
+        s0 = _U(oj + r * p)
+        s1 = s0 + up
+        s2 = s1 + up
+        s3 = s2 + up
+        for c in range(0, mk, 4):
+            t0 = _U(ok + c * p)
+            t1 = t0 + up
+            t2 = t1 + up
+            t3 = t2 + up
+            c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = 0.0
+            c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = 0.0
+            for o0 in range(_U(0), up, seg):
+                for _ in range(per):
+                    _prefetch(x, min(cur, last))
+                    cur += _U(8)
+                for o in range(o0, min(o0 + seg, up)):
+                    a0 = x[s0 + o]
+                    a1 = x[s1 + o]
+                    a2 = x[s2 + o]
+                    a3 = x[s3 + o]
+                    b0 = x[t0 + o]
+                    b1 = x[t1 + o]
+                    b2 = x[t2 + o]
+                    b3 = x[t3 + o]
+                    c00 += a0 * b0
+                    c01 += a0 * b1
+                    c02 += a0 * b2
+                    c03 += a0 * b3
+                    c10 += a1 * b0
+                    c11 += a1 * b1
+                    c12 += a1 * b2
+                    c13 += a1 * b3
+                    c20 += a2 * b0
+                    c21 += a2 * b1
+                    c22 += a2 * b2
+                    c23 += a2 * b3
+                    c30 += a3 * b0
+                    c31 += a3 * b1
+                    c32 += a3 * b2
+                    c33 += a3 * b3
+            s += (c00 * c00 + c01 * c01 + c02 * c02 + c03 * c03 + c10 * c10 + c11 * c11 + c12 * c12 + c13 * c13
+                  + c20 * c20 + c21 * c21 + c22 * c22 + c23 * c23 + c30 * c30 + c31 * c31 + c32 * c32 + c33 * c33)
+    return s
+
+
+def gate_sqnorms(beta, off, m, p, pj, pk, order=None):
+    """``‖B_j B_kᵀ‖²_F`` for every pair, like :func:`pair_sqnorms` (≤ a few ulps apart: another tiling).
+
+    The pairs are visited in ``order`` (a permutation of the pair positions; None: as given) and
+    the result is written in pair order, so the order changes the speed only. Pairs whose blocks
+    both have a multiple of 4 rows use the prefetching 4 × 4 kernel, the others the 2 × 4 one.
+    """
+    n = pj.shape[0]
+    out = np.empty(n)
+    order = np.zeros(0, dtype=np.int64) if order is None else order
+    run_chunks(_gate_sqnorms_k, n_chunks_of(n, _PAIR_CHUNK), beta, off, m, p, pj, pk, order, _max_block(m), out)
+    return out
+
+
+@njit(**_OPTS)
+def _gate_sqnorms_k(c0, c1, beta, off, m, p, pj, pk, order, mmax, out):
+    n = pj.shape[0]
+    ident = order.shape[0] == 0
+    C = np.empty((mmax, mmax))
+    q1 = min(n, c1 * _PAIR_CHUNK)
+    for i in range(c0 * _PAIR_CHUNK, q1):
+        q = i if ident else order[i]
+        j = pj[q]
+        k = pk[q]
+        mj = m[j]
+        mk = m[k]
+        if mj % 4 == 0 and mk % 4 == 0:
+            ia = min(i + _PF_AHEAD, q1 - 1)  # within this piece: the next piece may run on another thread
+            ka = pk[ia] if ident else pk[order[ia]]
+            out[q] = _sq_tiles4(beta, off[j], mj, off[k], mk, p, off[ka], off[ka + 1])
+            continue
+        _cross(beta, off[j], mj, beta, off[k], mk, p, 1.0, C)
+        s = 0.0
+        for r in range(mj):
+            for c in range(mk):
+                s += C[r, c] * C[r, c]
+        out[q] = s
+
+
+@njit(**_OPTS)
+def order_by_first(pj, k_atoms):
+    """A visiting order that groups the pairs by ``j`` (a stable counting sort), or an empty array
+    when ``pj`` is already non-decreasing (the order of a :class:`~distpen.PairTable`)."""
+    n = pj.shape[0]
+    ok = True
+    for q in range(1, n):
+        if pj[q] < pj[q - 1]:
+            ok = False
+            break
+    if ok:
+        return np.zeros(0, dtype=np.int64)
+    start = np.zeros(k_atoms + 1, dtype=np.int64)
+    for q in range(n):
+        start[pj[q] + 1] += 1
+    for a in range(k_atoms):
+        start[a + 1] += start[a]
+    order = np.empty(n, dtype=np.int64)
+    for q in range(n):
+        a = pj[q]
+        order[start[a]] = q
+        start[a] += 1
+    return order

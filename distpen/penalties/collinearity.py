@@ -20,7 +20,7 @@ from ..layout import DecoderLayout
 from ..pairs import PairTable
 from . import _decoder_kernels as K
 
-__all__ = ["pair_overlap", "smoothstep_gate", "collinearity_gate_local", "check_low"]
+__all__ = ["pair_overlap", "smoothstep_gate", "collinearity_gate_local", "check_low", "block_gram_norms", "overlap_of"]
 
 
 def _check(pairs, t, layout: DecoderLayout) -> np.ndarray:
@@ -69,12 +69,28 @@ def pair_overlap(pairs: PairTable, t, layout: DecoderLayout) -> np.ndarray:
 
 
 def _overlap(pairs: PairTable, t: np.ndarray, layout: DecoderLayout) -> np.ndarray:
-    off, m, p = layout.offsets, layout.block_sizes, layout.p_out
-    if len(pairs) == 0:
+    return overlap_of(pairs.j, pairs.k, t, layout)
+
+
+def block_gram_norms(t: np.ndarray, layout: DecoderLayout) -> np.ndarray:
+    """``‖B_a B_aᵀ‖_F`` of every atom of ``layout`` (the overlap's denominators), from a checked ``t``."""
+    return K.self_gram_norms(t, layout.offsets, layout.block_sizes, layout.p_out, layout.max_block)
+
+
+def overlap_of(j: np.ndarray, k: np.ndarray, t: np.ndarray, layout: DecoderLayout, norms=None) -> np.ndarray:
+    """The overlaps of the pairs ``(j[q], k[q])`` of ``layout``'s atoms, from a checked ``t`` (no validation).
+
+    The pairs may come in any order: they are visited grouped by ``j`` (so ``B_j`` stays in cache
+    while its partners stream) and the overlaps returned in the given order. ``norms`` are the
+    :func:`block_gram_norms` when the caller already has them (a worker reuses them across tasks).
+    """
+    if j.shape[0] == 0:
         return np.zeros(0)
-    E = K.pair_sqnorms(t, off, m, p, pairs.j, pairs.k)
-    g = K.self_gram_norms(t, off, m, p, layout.max_block)
-    den = g[pairs.j] * g[pairs.k]
+    off, m, p = layout.offsets, layout.block_sizes, layout.p_out
+    order = K.order_by_first(j, layout.k_atoms)
+    E = K.gate_sqnorms(t, off, m, p, j, k, order if order.shape[0] else None)
+    g = block_gram_norms(t, layout) if norms is None else norms
+    den = g[j] * g[k]
     o = np.zeros_like(E)
     ok = den > 0
     np.divide(E, den, out=o, where=ok)

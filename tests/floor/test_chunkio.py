@@ -217,3 +217,26 @@ def test_sweep_removes_only_old_temporary_files(tmp_path):
     assert sweep_temporaries(str(tmp_path), older_than=600) == 1
     assert not old_tmp.exists() and new_tmp.exists() and chunk.exists()
     assert sweep_temporaries(str(tmp_path / "missing")) == 0
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_read_rows_into_a_given_buffer(tmp_path, codec):
+    """``out=``: chunks decode straight into the caller's buffer (a view into a larger one too);
+    a buffer of the wrong shape or dtype is refused; arrays Zarr reads are copied in."""
+    data = np.random.default_rng(3).random(45)
+    arr = _array(tmp_path, "v", data, (8,), CODECS[codec])
+    big = np.full(60, -1.0)
+    view = big[5:5 + 33]
+    assert read_rows(arr, 3, 36, out=view) is view
+    np.testing.assert_array_equal(big[5:38], data[3:36])
+    assert (big[:5] == -1).all() and (big[38:] == -1).all()
+    with pytest.raises(ValueError, match="out must be"):
+        read_rows(arr, 3, 36, out=np.empty(32))
+    with pytest.raises(ValueError, match="out must be"):
+        read_rows(arr, 3, 36, out=np.empty(33, dtype=np.float32))
+    sharded = zarr.create_array(str(tmp_path / "s"), shape=data.shape, chunks=(5,), shards=(10,), dtype=data.dtype)
+    sharded[...] = data
+    assert direct_layout(sharded) is None
+    out = np.empty(20)
+    assert read_rows(sharded, 10, 30, out=out) is out
+    np.testing.assert_array_equal(out, data[10:30])

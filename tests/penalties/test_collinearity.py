@@ -112,3 +112,44 @@ def test_bad_inputs():
         collinearity_gate_local(pairs, np.ones(3), [1, 1, 1], 1)
     with pytest.raises(Exception, match="t"):
         collinearity_gate_local(pairs, np.ones(5), [1, 1], 1)
+
+
+@pytest.mark.parametrize("p", [1, 5, 31, 33, 64, 70])
+def test_gate_kernel_matches_pair_kernel_in_any_order(p):
+    """The prefetching 4 × 4 kernel (blocks of 4, 8, 12 rows) and the 2 × 4 one (other sizes) give the
+    pair kernel's ‖B_j B_kᵀ‖² to rounding, and the same bits whatever order the pairs come in."""
+    from distpen._parallel import set_threads
+    from distpen.penalties import _decoder_kernels as K
+    from distpen.penalties.collinearity import overlap_of
+
+    rng = np.random.default_rng(p)
+    sizes = rng.choice([4, 4, 4, 8, 12, 1, 3, 5], size=60)
+    lay = dp.DecoderLayout(sizes, p)
+    t = rng.standard_normal(lay.n_coef)
+    a, b = rng.integers(0, 60, size=(2, 900))
+    code = np.unique(np.minimum(a, b)[a != b] * 60 + np.maximum(a, b)[a != b])
+    pairs = dp.PairTable(code // 60, code % 60, np.ones(code.shape[0]), 60)
+    off, m = lay.offsets, lay.block_sizes
+    ref = K.pair_sqnorms(t, off, m, p, pairs.j, pairs.k)
+    got = K.gate_sqnorms(t, off, m, p, pairs.j, pairs.k)
+    np.testing.assert_allclose(got, ref, rtol=1e-13)
+    assert ((m[pairs.j] % 4 == 0) & (m[pairs.k] % 4 == 0)).any() and (m[pairs.j] % 4 != 0).any()
+    o = pair_overlap(pairs, t, lay)
+    np.testing.assert_allclose(o, ref_overlap(t, sizes, p, pairs), rtol=1e-12, atol=1e-14)
+    perm = rng.permutation(len(pairs))  # shuffled: visited grouped by j, returned in the given order
+    previous = set_threads(2)
+    try:
+        shuffled = overlap_of(pairs.j[perm], pairs.k[perm], t, lay)
+        set_threads(1)
+        np.testing.assert_array_equal(overlap_of(pairs.j[perm], pairs.k[perm], t, lay), shuffled)
+    finally:
+        set_threads(previous)
+    np.testing.assert_array_equal(shuffled, o[perm])
+
+
+def test_order_by_first_groups_pairs_stably():
+    from distpen.penalties._decoder_kernels import order_by_first
+
+    assert order_by_first(np.array([0, 0, 1, 3, 3]), 4).shape == (0,)  # already grouped: no order needed
+    j = np.random.default_rng(0).integers(0, 7, size=200)
+    np.testing.assert_array_equal(order_by_first(j, 7), np.argsort(j, kind="stable"))
