@@ -38,14 +38,7 @@ from numba import njit
 from .._validation import check_finite_scalar, check_positive_int
 from ..errors import InvalidArgumentError
 from ..pairs import PairTable
-from .stats import (
-    MEASURES,
-    CoactivationStats,
-    Tile,
-    _InProcess,
-    _merge_topm,
-    _tile_topm,
-)
+from ._measures import MEASURES, Tile, _InProcess, _merge_topm, _tile_topm, tile_measure
 
 __all__ = ["METHODS", "Clusters", "find_clusters", "stats_clusters"]
 
@@ -113,7 +106,7 @@ def find_clusters(table: PairTable, measure: str, *, threshold=None, max_size: i
     return _groups(j[keep], k[keep], w[keep], n, threshold, measure, method, seed)
 
 
-def stats_clusters(stats: CoactivationStats, measure: str = "jaccard", *, threshold=None, max_size: int = 200,
+def stats_clusters(stats, measure: str = "jaccard", *, threshold=None, max_size: int = 200,
                    method: str = "components", top_m=None, seed: int = 0, client=None,
                    budget=None) -> Clusters:
     """:meth:`CoactivationStats.clusters`: the groups, fetching from the tiles only the edges that decide them.
@@ -333,7 +326,8 @@ class _CountTiles:
     zero of its shape): all that the measures of counts read, and a fraction of the bytes
     (``pair_sum`` compresses far less)."""
 
-    _tile_measure = CoactivationStats._tile_measure
+    def _tile_measure(self, I, J, measure, threshold, min_count):
+        return tile_measure(self, I, J, measure, threshold, min_count)
 
     def __init__(self, stats):
         self._stats = stats

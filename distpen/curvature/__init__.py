@@ -14,8 +14,10 @@
     :class:`FactoredMajorizer`, the same majorizer as per-atom blocks plus pairs;
 :mod:`.newton`
     :func:`newton_step`, preconditioned CG on ``(H_GN + damping·I) x = rhs``;
-:mod:`.resident`
-    the PCG whose vectors stay on the workers, and :class:`Resident`, a penalty and ``t`` kept there;
+:mod:`._pcg`, :mod:`.resident`
+    what both PCG loops share; the PCG whose vectors stay on the workers;
+:mod:`.handle`
+    :class:`Resident`, a penalty and ``t`` kept on the workers across calls;
 :mod:`.collinearity`
     :func:`collinearity_gate`, pair selection by the overlap of decoder blocks.
 
@@ -28,7 +30,7 @@ from .evaluate import evaluate
 from .factored import FactoredMajorizer
 from .newton import NewtonResult, newton_recorder, newton_step, save_newton_result
 from .plan import DecoderPlan, partition_atoms
-from .resident import Resident
+from .handle import Resident
 from .tiles import assemble_majorizer
 
 __all__ = ["OPS", "evaluate", "assemble_majorizer", "FactoredMajorizer", "newton_step", "NewtonResult",

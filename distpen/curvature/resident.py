@@ -25,10 +25,6 @@ A part whose worker died cannot be recovered (its vectors were nowhere else): ev
 the pinned workers are still there, and a task that finds its state missing raises; both end the
 solve with :class:`~distpen.errors.WorkerLostError` naming the part and worker, and the call can
 be re-run. The state of a solve is dropped on every worker when it ends, however it ends.
-
-:class:`Resident` keeps a penalty and ``t`` on the workers across calls: its ``evaluate`` and
-``newton_step`` reuse them (no second transfer of ``t``, whatever other calls run in between) until
-the handle is closed.
 """
 
 from __future__ import annotations
@@ -42,8 +38,9 @@ import numpy as np
 
 from .._workers import kernel_threads
 from ..errors import WorkerLostError
+from ._pcg import NewtonResult, _extra_rows, _precond_part
 
-__all__ = ["Resident", "resident_pcg"]
+__all__ = ["resident_pcg"]
 
 #: per-process registry of the parts this worker holds: (solve id, part index) → state dict
 _STATE: dict = {}
@@ -81,8 +78,6 @@ def _apply_precond(st: dict, r: np.ndarray) -> np.ndarray:
 
 def _init(sid, i, rng, pen, t, rho, b_i, precond, damping, threads, extra, extra_diag):
     """Store part ``i``'s state (``x = 0``, ``r = b``, ``z = M r``); returns ``(⟨b,b⟩, ⟨r,z⟩)``."""
-    from .newton import _precond_part
-
     pre = None
     if precond != "none":
         pre = _precond_part(rng, pen, t, rho, precond, damping, threads, extra_diag)[1]
@@ -140,8 +135,6 @@ def _matvec(sid, i, *p_parts):
                 pen2, rho2 = op
                 q += pen2._rows("psd_majorizer_hvp", st["t"], rho2, p, rng.lo, rng.hi)
             else:
-                from .newton import _extra_rows
-
                 q += _extra_rows(op, p, rng.c0, rng.c1)
     st["q"] = q
     return float(np.dot(st["p"], q))
@@ -246,8 +239,6 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
     parts (one per worker is best). Returns :class:`~distpen.curvature.newton.NewtonResult`; ``x``
     is gathered to the client at the end.
     """
-    from .newton import NewtonResult
-
     t0 = time.perf_counter() if t0 is None else t0
     bnorm = float(np.linalg.norm(b))
     if bnorm == 0.0:
@@ -295,76 +286,3 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
         return NewtonResult(x, residuals, it, converged, precond, time.perf_counter() - t0)
     finally:
         solve.close()
-
-
-class Resident:
-    """A penalty and its coefficients ``t`` kept on the workers across calls.
-
-    A context manager: inside it, :meth:`evaluate` and :meth:`newton_step` take the arguments of
-    :func:`distpen.evaluate` and :func:`distpen.newton_step` without the penalty, ``t`` and ``rho``,
-    and reuse the copies already on the workers — the penalty and ``t`` are sent once, on the first
-    call, and never again while ``t`` is unchanged (it is compared bit for bit with a private copy,
-    so changing it in place is seen and sent). Calls for other penalties meanwhile do not evict
-    them. Closing the handle releases them on every worker.
-
-    Parameters
-    ----------
-    penalty : DecoderIncoherencePenalty or NestedPrefixPenalty
-    t : array of shape (n,)
-    rho : array of shape (penalty.rho_count,)
-
-    The calls run on :func:`distpen.cluster.get_client`'s cluster, like the functions.
-
-    Examples
-    --------
-    >>> with dp.Resident(pen, beta, rho) as r:                          # doctest: +SKIP
-    ...     g = r.evaluate(ops=("value", "grad"))["grad"]
-    ...     step = r.newton_step(-g, damping=1e-3)
-    """
-
-    def __init__(self, penalty, t, rho):
-        from ._common import check_penalty
-
-        check_penalty(penalty)
-        self.penalty, self.t, self.rho = penalty, t, rho
-        self._scope = f"resident-{uuid.uuid4().hex}"
-        self._closed = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _check_open(self):
-        if self._closed:
-            from ..errors import InvalidArgumentError
-
-            raise InvalidArgumentError("this Resident handle is closed; open a new one")
-
-    def _call(self, fn, *args, **kwargs):
-        from .._broadcast import BROADCASTS
-
-        self._check_open()
-        with BROADCASTS.scope(self._scope):
-            return fn(*args, **kwargs)
-
-    def evaluate(self, ops=("value", "grad"), v=None, **kwargs):
-        """:func:`distpen.evaluate` of the resident penalty at the resident ``t``."""
-        from .evaluate import evaluate
-
-        return self._call(evaluate, self.penalty, self.t, self.rho, ops=ops, v=v, **kwargs)
-
-    def newton_step(self, rhs, **kwargs):
-        """:func:`distpen.newton_step` of the resident penalty at the resident ``t``."""
-        from .newton import newton_step
-
-        return self._call(newton_step, self.penalty, self.t, self.rho, rhs, **kwargs)
-
-    def close(self) -> None:
-        """Release the penalty and ``t`` on the workers (idempotent)."""
-        from .._broadcast import BROADCASTS
-
-        if not self._closed:
-            self._closed = True
-            BROADCASTS.release(self._scope)
