@@ -2,9 +2,9 @@
 (into a gates store that :func:`~distpen.sources.gates.open_gates` reads).
 
 Both read the activations by row chunks on the workers (:class:`~distpen.sources.activations.ActivationSource`
-pickles as paths and offsets) and encode each chunk under ``threadpool_limits(1)`` (one BLAS thread
-per task: the workers' tasks already fill the cores). The SAE is sent to the workers once
-(``client.scatter(..., hash=True)``) inside the source object.
+pickles as paths and offsets) and encode each chunk under ``kernel_threads(1)`` (one BLAS thread and
+one compiled-kernel thread per task: the workers' tasks already fill the cores). The SAE is sent to
+every worker once (``client.scatter(..., broadcast=True, hash=True)``) inside the source object.
 
 **EncodedGates in a statistics job.** A source of the ``"sparse"`` protocol (see
 :mod:`distpen.sources.gates`): ``csr_rows`` encodes (``sae.encode_csr``; for a TopK SAE its top-k
@@ -159,20 +159,20 @@ class EncodedGates:
 
     def encode_rows(self, r0: int, r1: int):
         """Rows ``[r0, r1)`` read and encoded: top-k ``(indices, values)`` for a TopK SAE, else CSR."""
-        from threadpoolctl import threadpool_limits
+        from .._workers import kernel_threads
 
         x = self.activations.read(r0, r1)
-        with threadpool_limits(limits=1):
+        with kernel_threads(1):
             out = self.sae.encode_topk(x) if self.sae.activation == "topk" else self.sae.encode_csr(x)
         _ENCODES[0] += 1
         return out
 
     def csr_rows(self, r0: int, r1: int):
         """Rows ``[r0, r1)`` encoded, as CSR ``(indptr, indices, values)`` sorted within each row."""
-        from threadpoolctl import threadpool_limits
+        from .._workers import kernel_threads
 
         x = self.activations.read(r0, r1)
-        with threadpool_limits(limits=1):
+        with kernel_threads(1):
             out = self.sae.encode_csr(x)
         _ENCODES[0] += 1
         return out
@@ -287,11 +287,30 @@ def _encode_chunk(src: EncodedGates, out: str, job, c: int, r0: int, r1: int, fo
 
 def default_encode_row_chunk(memory_limit: int, src: EncodedGates, workers: int = 1) -> int:
     """Rows per chunk: a sixteenth of a worker's memory for the activations and the encoded rows,
-    at most 2¹⁸ rows, and small enough for 4 chunks per worker (but ≥ 4096 rows): every row is
-    encoded on its own, so the chunking changes no result, only how the work spreads."""
+    at most 2¹⁸ rows, and small enough for 16 chunks per task slot (``workers``: the cluster's
+    threads; the slot that finishes last then idles the others for half a chunk on average), but
+    ≥ 4096 rows; then evened out (a multiple of 128 rows, the encoder's row tile) so
+    that the number of chunks is a multiple of the slots when it can be, and no slot runs a last
+    chunk alone. Every row is encoded on its own, so the chunking changes no result, only how the
+    work spreads."""
     per_row = src.bytes_per_row + 16 * src.row_width()
-    rc = min(1 << 18, memory_limit // 16 // per_row, max(4096, math.ceil(src.n_tokens / (4 * max(1, workers)))))
-    return int(max(1, min(src.n_tokens, rc)))
+    w = max(1, int(workers))
+    N = int(src.n_tokens)
+    rc = min(1 << 18, memory_limit // 16 // per_row, max(4096, math.ceil(N / (16 * w))))
+    rc = int(max(1, min(N, rc)))
+    n = math.ceil(N / rc)
+    if w > 1 and n > 1 and n % w:
+        n = -(-n // w) * w
+        even = -(-math.ceil(N / n) // 128) * 128
+        if math.ceil(N / even) % w == 0:
+            rc = even
+    return rc
+
+
+def _task_slots(client) -> int:
+    from ..cluster import _workers
+
+    return max(1, sum(int(w.get("nthreads", 1) or 1) for w in _workers(client).values()))
 
 
 def encode_gates(activations, sae, out, *, row_chunk=None, overwrite=False, progress=None, client=None,
@@ -368,7 +387,7 @@ def encode_gates(activations, sae, out, *, row_chunk=None, overwrite=False, prog
     client = client or get_client()
     N, K = src.n_tokens, src.k_atoms
     rc = min(row_chunk, N) if row_chunk else default_encode_row_chunk(worker_memory_limit(client), src,
-                                                                       n_workers(client))
+                                                                       _task_slots(client))
     n_chunks = math.ceil(N / rc)
     units = [f"c{i}" for i in range(n_chunks)]
     spec = {"kind": "encode", "version": _ENCODE_VERSION, "inputs": inputs, "form": form,
@@ -416,7 +435,9 @@ def encode_gates(activations, sae, out, *, row_chunk=None, overwrite=False, prog
 
     report()
     if pending:
-        fut_src = client.scatter(src, broadcast=False, hash=True)  # the SAE goes out once
+        # the SAE goes to every worker before the first task (replicated peer to peer): a task that
+        # fetched it from a peer waited for that peer, busy encoding, to serve it (~2 s, loaded)
+        fut_src = client.scatter(src, broadcast=True, hash=True)
         in_flight = max(2, 2 * n_workers(client))
         ac = as_completed(loop=client.loop)
         it = iter(pending)

@@ -16,6 +16,13 @@ ties arbitrarily, so on exact ties distpen is deterministic where the tools are 
 agree always. Results do not depend on the block sizes (each pre-activation is one BLAS dot product
 over ``d_in`` whatever the block; the tests check this).
 
+``encode_topk`` and ``encode_csr`` write each block's GEMM into one float32 scratch buffer reused by
+every block of the call, then make one compiled pass over it (``_encode_kernels``: bias, ReLU, the
+JumpReLU threshold and the top-k or CSR selection fused; the top-k pass skips every gate below the
+row's current k-th with one compare). On one thread ``encode_topk`` takes about the CPU time of
+its GEMM alone (d_in 768, k 32: 1.0× at d_sae 16 384, 1.1× at 4096; the per-block numpy passes
+before took 1.5× and 1.7×).
+
 Checkpoint layouts (confirmed in each tool's source before coding):
 
 - **SAELens** (jbloomAus/SAELens @ 91ca16cc, version 6.18.0: ``sae_lens/saes/sae.py``,
@@ -59,7 +66,7 @@ import numpy as np
 
 from ..errors import GateDataError, InvalidArgumentError, InvalidDtypeError, ShapeMismatchError
 from . import _safetensors as st
-from ._encode_kernels import decode_keys, topk_block
+from ._encode_kernels import csr_block, decode_keys, merge_csr_blocks, topk_block
 
 __all__ = ["SAE", "load_sae"]
 
@@ -78,13 +85,25 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """``a`` itself when it is C-contiguous and starts at an ``align``-byte boundary, else a copy
+    that does."""
+    if a.flags.c_contiguous and a.flags.aligned and a.ctypes.data % align == 0:
+        return a
+    raw = np.empty(a.nbytes + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    out = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def _as_float32(x, name: str, ndim: int) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind != "f" and arr.dtype.kind not in "iu":
         raise InvalidDtypeError(f"{name} has dtype {arr.dtype}; expected a real float array")
     if arr.ndim != ndim:
         raise ShapeMismatchError(f"{name} must be {ndim}-D, got shape {arr.shape}")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    out = _aligned(np.ascontiguousarray(arr, dtype=np.float32))
     if not np.isfinite(out).all():
         bad = np.argwhere(~np.isfinite(out))[0]
         raise InvalidArgumentError(
@@ -144,7 +163,7 @@ class SAE:
         self._d_sae = d_sae
         pad = _round_up(d_sae, _TILE_L) - d_sae
         if pad:  # zero latents: pre = 0 → gate 0, never reported
-            self._w = np.concatenate([self._w, np.zeros((pad, d_in), np.float32)])
+            self._w = _aligned(np.concatenate([self._w, np.zeros((pad, d_in), np.float32)]))
         self._b_enc = _as_float32(b_enc, "b_enc", 1)
         if self._b_enc.shape != (d_sae,):
             raise ShapeMismatchError(
@@ -258,6 +277,15 @@ class SAE:
         state["_token"] = None
         return state
 
+    def __setstate__(self, state):
+        # Arrays unpickled from a Dask message are views into its frames, at any byte offset: an
+        # unaligned W_enc makes every matmul copy its block first (numpy's BLAS path needs aligned
+        # operands), which cost a worker ~0.8× the GEMM again. Copy them to aligned memory once.
+        for name in ("_w", "_b_enc", "_b_dec", "_threshold"):
+            if state.get(name) is not None:
+                state[name] = _aligned(state[name])
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------------ forward pass
     def _check_x(self, x) -> np.ndarray:
         arr = np.asarray(x)
@@ -279,10 +307,16 @@ class SAE:
         n = self._w.shape[0]  # padded width
         return [(l0, min(n, l0 + bl)) for l0 in range(0, n, bl)]
 
-    def _prepare(self, x, r0, r1) -> np.ndarray:
-        """Rows r0..r1 as float32, minus b_dec, zero-padded to a multiple of the row tile."""
+    def _prepare(self, x, r0, r1, buf=None) -> np.ndarray:
+        """Rows r0..r1 as float32, minus b_dec, zero-padded to a multiple of the row tile (in
+        ``buf``, a flat float32 scratch array, when given)."""
         m = r1 - r0
-        xb = np.zeros((_round_up(m, _TILE_R), self.d_in), dtype=np.float32)
+        mp = _round_up(m, _TILE_R)
+        if buf is None:
+            xb = np.zeros((mp, self.d_in), dtype=np.float32)
+        else:
+            xb = buf[: mp * self.d_in].reshape(mp, self.d_in)
+            xb[m:] = 0
         xb[:m] = x[r0:r1]
         if not np.isfinite(xb[:m]).all():
             bad = np.argwhere(~np.isfinite(xb))[0]
@@ -293,6 +327,26 @@ class SAE:
         if self._apply_b_dec and self._b_dec is not None:
             xb[:m] -= self._b_dec
         return xb
+
+    def _buffers(self, n, lat_blocks):
+        """Scratch reused by every block of one call: the padded input rows and the pre-activations."""
+        mp = _round_up(min(n, self.block_rows), _TILE_R)
+        width = max(l1 - l0 for l0, l1 in lat_blocks)
+        return np.empty(mp * self.d_in, np.float32), np.empty(mp * width, np.float32)
+
+    def _pre(self, xb, l0, l1, buf) -> np.ndarray:
+        """``xb @ W[l0:l1].T`` into ``buf`` (the same BLAS call whatever the buffer). An overflow is
+        reported by the kernels (GateDataError), not warned about here."""
+        pre = buf[: xb.shape[0] * (l1 - l0)].reshape(xb.shape[0], l1 - l0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.matmul(xb, self._w[l0:l1].T, out=pre)
+        return pre
+
+    def _overflow(self, r0, l0, flat, width):
+        return GateDataError(
+            f"the SAE pre-activation overflowed at row {r0 + flat // width}, latent {l0 + flat % width}; "
+            "the activations are far outside the SAE's training range"
+        )
 
     def _gates(self, xb, l0, l1, r0, m) -> np.ndarray:
         """Gates of one block: shape (m, l1 − l0), float32, ≥ 0, +0.0 for inactive or padding."""
@@ -361,24 +415,24 @@ class SAE:
         n = x.shape[0]
         out_idx = np.full((n, k), -1, dtype=np.int32)
         out_val = np.zeros((n, k), dtype=np.float32)
+        if n == 0:
+            return out_idx, out_val
         use_thr = self._activation == "jumprelu"
+        lat_blocks = self._lat_blocks(min_width=k)
+        xbuf, pbuf = self._buffers(n, lat_blocks)
         for r0, r1 in self._row_blocks(n):
             m = r1 - r0
-            xb = self._prepare(x, r0, r1)
+            xb = self._prepare(x, r0, r1, xbuf)
             keys = np.zeros((m, k), dtype=np.uint64)
-            for l0, l1 in self._lat_blocks(min_width=k):
+            for l0, l1 in lat_blocks:
                 real = max(0, min(l1, self._d_sae) - l0)
                 if real == 0:
                     continue
-                pre = (xb @ self._w[l0:l1].T)[:m]
+                pre = self._pre(xb, l0, l1, pbuf)
                 thr = self._threshold[l0:l0 + real] if use_thr else self._b_enc[:0]
                 bad = topk_block(pre, self._b_enc[l0:l0 + real], thr, use_thr, l0, real, keys)
                 if bad >= 0:
-                    raise GateDataError(
-                        f"the SAE pre-activation overflowed at row {r0 + bad // pre.shape[1]}, "
-                        f"latent {l0 + bad % pre.shape[1]}; the activations are far outside the "
-                        "SAE's training range"
-                    )
+                    raise self._overflow(r0, l0, bad, pre.shape[1])
             out_idx[r0:r1], out_val[r0:r1] = decode_keys(keys)
         return out_idx, out_val
 
@@ -394,20 +448,29 @@ class SAE:
             return _topk_to_csr(idx, val)
         counts = np.zeros(n, dtype=np.int64)
         cols_parts, vals_parts = [], []
+        use_thr = self._activation == "jumprelu"
+        lat_blocks = self._lat_blocks()
+        xbuf, pbuf = self._buffers(n, lat_blocks) if n else (None, None)
         for r0, r1 in self._row_blocks(n):
-            rows_b, cols_b, vals_b = [], [], []
-            xb = self._prepare(x, r0, r1)
-            for l0, l1 in self._lat_blocks():
-                g = self._gates(xb, l0, l1, r0, r1 - r0)
-                r, c = np.nonzero(g)
-                rows_b.append(r)
-                cols_b.append((c + l0).astype(np.int32))
-                vals_b.append(g[r, c])
-            r = np.concatenate(rows_b)
-            order = np.argsort(r, kind="stable")  # latent blocks ascend, so columns stay sorted
-            counts[r0:r1] = np.bincount(r, minlength=r1 - r0)
-            cols_parts.append(np.concatenate(cols_b)[order])
-            vals_parts.append(np.concatenate(vals_b)[order])
+            m = r1 - r0
+            xb = self._prepare(x, r0, r1, xbuf)
+            cnt_b, cols_b, vals_b, l0s = [], [], [], []
+            for l0, l1 in lat_blocks:
+                real = max(0, min(l1, self._d_sae) - l0)
+                if real == 0:
+                    continue
+                pre = self._pre(xb, l0, l1, pbuf)
+                thr = self._threshold[l0:l0 + real] if use_thr else self._b_enc[:0]
+                c, cols, vals, bad = csr_block(pre, self._b_enc[l0:l0 + real], thr, use_thr, real, m)
+                if bad >= 0:
+                    raise self._overflow(r0, l0, bad, pre.shape[1])
+                cnt_b.append(c)
+                cols_b.append(cols)
+                vals_b.append(vals)
+                l0s.append(l0)
+            counts[r0:r1], cols, vals = merge_csr_blocks(cnt_b, cols_b, vals_b, l0s)
+            cols_parts.append(cols)
+            vals_parts.append(vals)
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         indices = np.concatenate(cols_parts) if cols_parts else np.zeros(0, np.int32)

@@ -116,6 +116,33 @@ def test_apply_b_dec_false_and_pickle(weights, x):
     assert tokenize(sae) == tokenize(clone)
 
 
+def _misaligned(a, offset=2):
+    raw = np.empty(a.nbytes + offset, np.uint8)
+    out = raw[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert a.itemsize == 1 or not out.flags.aligned
+    return out
+
+
+def test_weights_aligned_from_misaligned_buffers(weights, x):
+    """Weights from a file buffer or a Dask message can sit at any byte offset; the SAE keeps
+    64-byte-aligned copies (numpy's matmul would otherwise copy each block before BLAS)."""
+    W_enc, b_enc, _, b_dec, thr = weights
+    sae = SAE(np.ascontiguousarray(W_enc.T).T, b_enc, b_dec=b_dec, activation="topk", k=5)
+    odd = SAE(_misaligned(np.ascontiguousarray(W_enc.T)).T, _misaligned(b_enc), b_dec=_misaligned(b_dec),
+              activation="topk", k=5)
+    for s in (sae, odd):
+        assert all(a.ctypes.data % 64 == 0 for a in (s._w, s._b_enc, s._b_dec))
+    # out-of-band pickle buffers handed back at odd offsets, as a received message would be
+    buffers = []
+    data = pickle.dumps(sae, protocol=5, buffer_callback=buffers.append)
+    views = [memoryview(_misaligned(np.frombuffer(b.raw(), np.uint8), 3)) for b in buffers]
+    clone = pickle.loads(data, buffers=views)
+    assert all(a.ctypes.data % 64 == 0 for a in (clone._w, clone._b_enc, clone._b_dec))
+    for a, b in zip(sae.encode_topk(x) + sae.encode_csr(x), clone.encode_topk(x) + odd.encode_csr(x)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_constructor_errors(weights):
     W_enc, b_enc, _, b_dec, thr = weights
     with pytest.raises(ShapeMismatchError, match=r"b_enc has shape \(5,\), but W_enc \(24, 700\)"):
@@ -151,6 +178,23 @@ def test_encode_errors(weights, x):
     bad[41, 2] = np.inf
     with pytest.raises(GateDataError, match="row 41, column 2 is inf"):
         sae.encode_csr(bad)
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu"])
+def test_pre_activation_overflow_named(weights, x, activation):
+    """Finite activations whose pre-activation overflows: the first non-finite one is named."""
+    W_enc, b_enc, _, b_dec, thr = weights
+    kw = {"k": 7} if activation == "topk" else {"threshold": thr} if activation == "jumprelu" else {}
+    big = x.copy()
+    big[41] = 3e38 * np.sign(big[41])
+    with np.errstate(over="ignore", invalid="ignore"):
+        pre = big[41].astype(np.float32) @ W_enc + b_enc
+    latent = int(np.flatnonzero(~np.isfinite(pre))[0])
+    for bl in (None, 512):
+        sae = SAE(W_enc, b_enc, activation=activation, block_latents=bl, apply_b_dec_to_input=False, **kw)
+        for call in (sae.encode_csr, sae.encode_topk if activation == "topk" else lambda a: sae.encode_topk(a, k=3)):
+            with pytest.raises(GateDataError, match=f"overflowed at row 41, latent {latent};"):
+                call(big)
 
 
 # ------------------------------------------------------------------ checkpoints
