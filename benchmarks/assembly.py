@@ -46,6 +46,8 @@ from _common import (
     time_best,
 )
 
+from coactivation import PeakRSS  # noqa: E402
+
 import distpen as dp  # noqa: E402
 
 RTOL = 1e-12
@@ -421,34 +423,6 @@ def bench_assembly(args, workdir, summary):
 
 
 # ------------------------------------------------------------------ 3. newton_step
-class _RssPeak:
-    """Peak resident memory of this (the client) process while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        import threading
-
-        import psutil
-
-        self.proc, self.base = psutil.Process(), psutil.Process().memory_info().rss
-        self.peak, self.stop = self.base, threading.Event()
-
-        def loop():
-            while not self.stop.wait(0.005):
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-
-        self.thread = threading.Thread(target=loop, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-    @property
-    def grew(self) -> int:
-        return self.peak - self.base
-
-
 def bench_newton(args, summary):
     """Per-iteration time of the worker-resident PCG and of the client-side one against one
     in-process Gauss-Newton product, and the client's memory growth, at n ≈ 1 M and the largest n run."""
@@ -471,13 +445,13 @@ def bench_newton(args, summary):
         print(f"\n[3] dp.newton_step: K = {K}, M = {m}, p_out = {p}, {n_pairs:,} random pairs, n = {n:,} "
               f"({n * 8 / 2**20:,.0f} MiB a vector), rhs = ∇P(β), damping = {rel_damping:g}·mean(diag H_GN), "
               f"{'to 1e-8' if cap is None else f'{cap} iterations'}, 2 workers", flush=True)
-        t_prod = time_best(lambda: pen.psd_majorizer_hvp(t, rho, rhs), repeat=3, warmup=1).best
+        t_prod = time_best(lambda pen=pen, t=t, rhs=rhs: pen.psd_majorizer_hvp(t, rho, rhs), repeat=3, warmup=1).best
         rows, per_it = [], {}
         for pre in (("none", "jacobi", "block") if cap is None else ("block",)):
             for vectors in ("workers", "client"):
                 # a first short solve loads the parts and the kernels; the timed one follows
                 dp.newton_step(pen, t, rho, rhs, damping=damping, maxiter=2, precond=pre, vectors=vectors)
-                with _RssPeak() as mem:
+                with PeakRSS() as mem:
                     res = dp.newton_step(pen, t, rho, rhs, damping=damping, tol=tol, maxiter=maxiter, precond=pre,
                                          vectors=vectors)
                 # per iteration: from a second solve with twice the iterations (setup and final gather cancel)
@@ -490,10 +464,10 @@ def bench_newton(args, summary):
                 true_rel = float(np.linalg.norm(pen.psd_majorizer_hvp(t, rho, res.x) + damping * res.x - rhs)
                                  / np.linalg.norm(rhs))
                 rows.append([pre, vectors, res.iterations, "yes" if res.converged else "-", f"{res.seconds:.2f} s",
-                             fmt_ms(it_s), f"{it_s / t_prod:.2f}×", f"{mem.grew / 2**20:,.0f} MiB",
+                             fmt_ms(it_s), f"{it_s / t_prod:.2f}×", f"{mem.extra / 2**20:,.0f} MiB",
                              f"{true_rel:.1e}"])
                 print(f"    {pre}/{vectors}: {res.iterations} iterations, {res.seconds:.2f} s, {fmt_ms(it_s)} an "
-                      f"iteration, client +{mem.grew / 2**20:,.0f} MiB", flush=True)
+                      f"iteration, client +{mem.extra / 2**20:,.0f} MiB", flush=True)
         print_table(["precond", "vectors", "iterations", "converged", "time", "time/iteration",
                      "vs 1 product", "client peak growth", "true residual"], rows)
         print(f"    one in-process psd_majorizer_hvp on this problem: {fmt_ms(t_prod)} (numba on every core); "

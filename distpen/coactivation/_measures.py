@@ -129,3 +129,27 @@ def _tile_pairs(stats, tile, opts, theta):
     a, b = np.nonzero(ok)
     T = stats.tile_size
     return (a + I * T).astype(np.int64), (b + J * T).astype(np.int64), M[a, b].astype(np.float64)
+
+
+def top_m_theta(stats, tiles, top_m, opts, client, name: str, tile_fn=_tile_topm, stats_arg=None):
+    """Each latent's ``top_m``-th strongest eligible partner value (−inf when it has fewer), over
+    ``tiles``: per tile the ``top_m`` largest values of each row and column (``tile_fn``), then per
+    atom block the merge. ``stats_arg`` is what the tile tasks get (default ``stats``); the task
+    keys start with ``name``."""
+    stats_arg = stats if stats_arg is None else stats_arg
+    futs = client.map(tile_fn, [stats_arg] * len(tiles), tiles, [top_m] * len(tiles), [opts] * len(tiles),
+                      key=[f"{name}-topm-{I}-{J}" for I, J in tiles])
+    by_block = {}
+    for (I, J), f in zip(tiles, futs):
+        by_block.setdefault(I, []).append((f, 0))
+        if I != J:
+            by_block.setdefault(J, []).append((f, 1))
+    blocks = sorted(by_block)
+    T = stats.tile_size
+    merged = client.map(_merge_topm, blocks, [by_block[b] for b in blocks], [top_m] * len(blocks),
+                        [T] * len(blocks), [stats.k_atoms] * len(blocks),
+                        key=[f"{name}-theta-{b}" for b in blocks])
+    theta = np.full(stats.k_atoms, -np.inf)
+    for b, th in zip(blocks, client.gather(merged)):
+        theta[b * T:b * T + th.shape[0]] = th
+    return theta

@@ -38,7 +38,7 @@ from numba import njit
 from .._validation import check_finite_scalar, check_positive_int
 from ..errors import InvalidArgumentError
 from ..pairs import PairTable
-from ._measures import MEASURES, Tile, _InProcess, _merge_topm, _tile_topm, tile_measure
+from ._measures import MEASURES, Tile, _InProcess, _tile_topm, tile_measure, top_m_theta
 
 __all__ = ["METHODS", "Clusters", "find_clusters", "stats_clusters"]
 
@@ -267,7 +267,8 @@ class _TileBands:
         self.stats = stats if isinstance(client, _InProcess) else client.scatter(stats, broadcast=True, hash=False)
         self.theta = None
         if top_m is not None and tiles:
-            theta = _top_m_theta(stats, self.stats, tiles, top_m, (measure, 0.0, 0), client, tok)
+            theta = top_m_theta(stats, tiles, top_m, (measure, 0.0, 0), client, f"distpen-clusters-{tok}",
+                                tile_fn=_tile_top_values, stats_arg=self.stats)
             T = stats.tile_size
             self.theta = {(I, J): (theta[I * T:(I + 1) * T], theta[J * T:(J + 1) * T]) for I, J in tiles}
 
@@ -295,25 +296,6 @@ class _TileBands:
 
     def close(self):
         self.stats = None
-
-
-def _top_m_theta(stats, stats_arg, tiles, top_m, opts, client, tok):
-    """Each latent's ``top_m``-th strongest partner value, as :meth:`CoactivationStats.pairs` finds it."""
-    futs = client.map(_tile_top_values, [stats_arg] * len(tiles), tiles, [top_m] * len(tiles), [opts] * len(tiles),
-                      key=[f"distpen-clusters-topm-{tok}-{I}-{J}" for I, J in tiles])
-    by_block = {}
-    for (I, J), f in zip(tiles, futs):
-        by_block.setdefault(I, []).append((f, 0))
-        if I != J:
-            by_block.setdefault(J, []).append((f, 1))
-    blocks = sorted(by_block)
-    merged = client.map(_merge_topm, blocks, [by_block[b] for b in blocks], [top_m] * len(blocks),
-                        [stats.tile_size] * len(blocks), [stats.k_atoms] * len(blocks),
-                        key=[f"distpen-clusters-theta-{tok}-{b}" for b in blocks])
-    theta = np.full(stats.k_atoms, -np.inf)
-    for b, th in zip(blocks, client.gather(merged)):
-        theta[b * stats.tile_size:b * stats.tile_size + th.shape[0]] = th
-    return theta
 
 
 def _tile_top_values(stats, tile, m, opts):

@@ -16,7 +16,7 @@ from .._validation import check_finite_scalar, check_positive_int
 from ..errors import InvalidArgumentError, StoreCorruptError
 from ..pairs import PairTable
 from ..store import RunStore
-from ._measures import MEASURES, Tile, _InProcess, _merge_topm, _tile_pairs, _tile_topm, tile_measure
+from ._measures import MEASURES, Tile, _InProcess, _tile_pairs, tile_measure, top_m_theta
 from .plan import _FORMAT, STAGE, _parse_unit
 
 __all__ = ["MEASURES", "Tile", "CoactivationStats", "open_stats"]
@@ -252,21 +252,7 @@ class CoactivationStats:
         tok = tokenize(self.path, self.fingerprint, opts, top_m)
         theta = None
         if top_m is not None and tiles:
-            futs = client.map(_tile_topm, [self] * len(tiles), tiles, [top_m] * len(tiles),
-                              [opts] * len(tiles), key=[f"distpen-pairs-topm-{tok}-{I}-{J}" for I, J in tiles])
-            by_block = {}
-            for (I, J), f in zip(tiles, futs):
-                by_block.setdefault(I, []).append((f, 0))
-                if I != J:
-                    by_block.setdefault(J, []).append((f, 1))
-            blocks = sorted(by_block)
-            merged = client.map(_merge_topm, blocks, [by_block[b] for b in blocks], [top_m] * len(blocks),
-                                [self.tile_size] * len(blocks), [self.k_atoms] * len(blocks),
-                                key=[f"distpen-pairs-theta-{tok}-{b}" for b in blocks])
-            theta = np.full(self.k_atoms, -np.inf)
-            for b, th in zip(blocks, client.gather(merged)):
-                theta[b * self.tile_size:b * self.tile_size + th.shape[0]] = th
-            del futs, merged
+            theta = top_m_theta(self, tiles, top_m, opts, client, f"distpen-pairs-{tok}")
         if not tiles:
             table = PairTable.empty(self.k_atoms)
         else:

@@ -184,6 +184,17 @@ def pair_sqnorms(beta, off, m, p, pj, pk):
     return out
 
 
+@njit(**_INL)
+def _pair_sqnorm(beta, off, mj, mk, p, j, k, C):
+    """``‖B_j B_kᵀ‖²_F`` (``C``: an ``mmax × mmax`` scratch for the cross Gram)."""
+    _cross(beta, off[j], mj, beta, off[k], mk, p, 1.0, C)
+    s = 0.0
+    for r in range(mj):
+        for c in range(mk):
+            s += C[r, c] * C[r, c]
+    return s
+
+
 @njit(**_OPTS)
 def _pair_sqnorms_k(c0, c1, beta, off, m, p, pj, pk, mmax, out):
     n = pj.shape[0]
@@ -192,14 +203,7 @@ def _pair_sqnorms_k(c0, c1, beta, off, m, p, pj, pk, mmax, out):
         for q in range(ch * _PAIR_CHUNK, min(n, ch * _PAIR_CHUNK + _PAIR_CHUNK)):
             j = pj[q]
             k = pk[q]
-            mj = m[j]
-            mk = m[k]
-            _cross(beta, off[j], mj, beta, off[k], mk, p, 1.0, C)
-            s = 0.0
-            for r in range(mj):
-                for c in range(mk):
-                    s += C[r, c] * C[r, c]
-            out[q] = s
+            out[q] = _pair_sqnorm(beta, off, m[j], m[k], p, j, k, C)
 
 
 def grad_csr(beta, off, m, p, indptr, nbr, wts, scale, out, mmax, a0, a1, out_base):
@@ -692,12 +696,7 @@ def _gate_sqnorms_k(c0, c1, beta, off, m, p, pj, pk, order, mmax, out):
             ka = pk[ia] if ident else pk[order[ia]]
             out[q] = _sq_tiles4(beta, off[j], mj, off[k], mk, p, off[ka], off[ka + 1])
             continue
-        _cross(beta, off[j], mj, beta, off[k], mk, p, 1.0, C)
-        s = 0.0
-        for r in range(mj):
-            for c in range(mk):
-                s += C[r, c] * C[r, c]
-        out[q] = s
+        out[q] = _pair_sqnorm(beta, off, mj, mk, p, j, k, C)
 
 
 @njit(**_OPTS)

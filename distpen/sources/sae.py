@@ -342,6 +342,18 @@ class SAE:
             np.matmul(xb, self._w[l0:l1].T, out=pre)
         return pre
 
+    def _pre_blocks(self, xb, lat_blocks, buf):
+        """For each latent block with real latents: ``(l0, real, pre, bias, thr)`` — the block's
+        pre-activations (:meth:`_pre`, in ``buf``), its bias and its JumpReLU thresholds (empty for
+        the other activations)."""
+        use_thr = self._activation == "jumprelu"
+        for l0, l1 in lat_blocks:
+            real = max(0, min(l1, self._d_sae) - l0)
+            if real == 0:
+                continue
+            thr = self._threshold[l0:l0 + real] if use_thr else self._b_enc[:0]
+            yield l0, real, self._pre(xb, l0, l1, buf), self._b_enc[l0:l0 + real], thr
+
     def _overflow(self, r0, l0, flat, width):
         return GateDataError(
             f"the SAE pre-activation overflowed at row {r0 + flat // width}, latent {l0 + flat % width}; "
@@ -424,13 +436,8 @@ class SAE:
             m = r1 - r0
             xb = self._prepare(x, r0, r1, xbuf)
             keys = np.zeros((m, k), dtype=np.uint64)
-            for l0, l1 in lat_blocks:
-                real = max(0, min(l1, self._d_sae) - l0)
-                if real == 0:
-                    continue
-                pre = self._pre(xb, l0, l1, pbuf)
-                thr = self._threshold[l0:l0 + real] if use_thr else self._b_enc[:0]
-                bad = topk_block(pre, self._b_enc[l0:l0 + real], thr, use_thr, l0, real, keys)
+            for l0, real, pre, bias, thr in self._pre_blocks(xb, lat_blocks, pbuf):
+                bad = topk_block(pre, bias, thr, use_thr, l0, real, keys)
                 if bad >= 0:
                     raise self._overflow(r0, l0, bad, pre.shape[1])
             out_idx[r0:r1], out_val[r0:r1] = decode_keys(keys)
@@ -455,13 +462,8 @@ class SAE:
             m = r1 - r0
             xb = self._prepare(x, r0, r1, xbuf)
             cnt_b, cols_b, vals_b, l0s = [], [], [], []
-            for l0, l1 in lat_blocks:
-                real = max(0, min(l1, self._d_sae) - l0)
-                if real == 0:
-                    continue
-                pre = self._pre(xb, l0, l1, pbuf)
-                thr = self._threshold[l0:l0 + real] if use_thr else self._b_enc[:0]
-                c, cols, vals, bad = csr_block(pre, self._b_enc[l0:l0 + real], thr, use_thr, real, m)
+            for l0, real, pre, bias, thr in self._pre_blocks(xb, lat_blocks, pbuf):
+                c, cols, vals, bad = csr_block(pre, bias, thr, use_thr, real, m)
                 if bad >= 0:
                     raise self._overflow(r0, l0, bad, pre.shape[1])
                 cnt_b.append(c)
