@@ -10,6 +10,7 @@ import numpy as np
 from .._broadcast import BROADCASTS
 from .._validation import check_finite_scalar, check_positive_int, check_vector
 from .._workers import kernel_threads, threads_per_task
+from ..cluster import _workers
 from ..errors import InvalidArgumentError
 from ..penalties import NestedPrefixPenalty
 from ._common import _client, check_penalty
@@ -170,7 +171,7 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     client = _client()
     kind, extra_op, extra_diag = _check_extra(extra, n, t, client)
     threads = threads_per_task(client)
-    workers = client.scheduler_info()["workers"]
+    workers = _workers(client)
     n_threads = sum(w.get("nthreads", 1) for w in workers.values())
     # the penalty and t travel to every worker once; each iteration ships only x
     pen_f = BROADCASTS.penalty(client, pen)

@@ -37,6 +37,7 @@ import uuid
 import numpy as np
 
 from .._workers import kernel_threads
+from ..cluster import _workers
 from ..errors import WorkerLostError
 from ._pcg import NewtonResult, _extra_rows, _precond_part
 
@@ -206,8 +207,7 @@ class _Solve:
         return self.client.gather(futs, direct=True)   # scalars, straight from the workers
 
     def check_workers(self):
-        alive = set(self.client.scheduler_info(n_workers=-1)["workers"]) if _takes_n_workers(self.client) \
-            else set(self.client.scheduler_info()["workers"])
+        alive = set(_workers(self.client))
         for i, w in enumerate(self.workers):
             if w not in alive:
                 raise WorkerLostError(
@@ -222,15 +222,6 @@ class _Solve:
             pass
 
 
-def _takes_n_workers(client) -> bool:
-    import inspect
-
-    try:
-        return "n_workers" in inspect.signature(client.scheduler_info).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, tol, maxiter, threads,
                  extra=None, extra_diag_f=None, callback=None, t0=None):
     """Solve ``(H_GN + δI + E) x = b`` with the vectors on the workers (see the module docstring).
@@ -243,8 +234,7 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
     bnorm = float(np.linalg.norm(b))
     if bnorm == 0.0:
         return NewtonResult(np.zeros_like(b), [0.0], 0, True, precond, time.perf_counter() - t0)
-    info = client.scheduler_info(n_workers=-1) if _takes_n_workers(client) else client.scheduler_info()
-    addrs = sorted(info["workers"])
+    addrs = sorted(_workers(client))
     workers = [addrs[i % len(addrs)] for i in range(len(ranges))]
     solve = _Solve(client, ranges, workers)
     parts = range(len(ranges))
