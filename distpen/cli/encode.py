@@ -79,7 +79,8 @@ def gates_from_args(args):
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode", help="encode activations with an SAE into a gates store")
     p.add_argument("activations", help="activation bank: .safetensors/.npy/.shard files, a directory, a glob, "
-                                       "or a SAELens Arrow cache directory")
+                                       "a SAELens Arrow cache directory, or a seed-engine bf16 harvest "
+                                       "(manifest.json + shard_*.bf16)")
     p.add_argument("--sae", required=True, help="SAE checkpoint folder (SAELens or sparsify)")
     p.add_argument("--out", required=True, help="output gates store (a local directory)")
     p.add_argument("--key", default=None, help="tensor or column holding the activations, when a file has several")

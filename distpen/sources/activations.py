@@ -17,6 +17,17 @@ Formats, confirmed in each writer's source before coding:
   ``v1``): a 32-byte header — magic ``b"GAMSAE01"``, ``n_rows`` u64, ``p`` u64, ``dtype`` u32
   (0 = f32, the only encoding), reserved u32 — then ``n_rows × p`` little-endian float32, row-major;
   many shards are concatenated in the order given (sorted file names).
+- **seed-engine bf16 harvests** (SauersML/gam ``examples/residual_shard_io.py``, ``FORMAT_VERSION
+  = 1``, read as stored in the code index, commit id not recorded there; its
+  ``tests/test_residual_shard_io.py`` @ 6350c1df checks the same layout): a directory with
+  ``manifest.json`` — ``"format": "residual_shard_bf16"``, ``"format_version": 1``, ``"dtype":
+  "bfloat16"``, ``"byte_order": "little"``, ``d_model``, ``rows_per_shard``, ``total_tokens`` and
+  ``shards``, a list of ``{"file", "rows", "bytes"}`` in row order (plus ``stats`` and the
+  harvester's provenance fields, kept as ``ActivationSource.metadata``) — and headerless shard
+  files ``shard_00000.bf16``, … holding ``rows × d_model`` little-endian uint16 bf16 bit patterns,
+  row-major, widened exactly (``bits << 16``). The manifest's row counts are trusted (a
+  ``"provisional"`` manifest's last shard may still be growing), so a file must hold at least
+  ``rows · d_model · 2`` bytes.
 - any ``N × d_in`` numpy, dask or Zarr array.
 
 Many files are concatenated in sorted name order. Everything is validated when opened (2-D
@@ -39,6 +50,8 @@ from . import _safetensors as st
 __all__ = ["ActivationSource", "open_activations"]
 
 _GAM_MAGIC = b"GAMSAE01"
+_BF16_FORMAT = "residual_shard_bf16"
+_BF16_MANIFEST = "manifest.json"
 _GAM_HEADER = 32
 _CHUNK_BYTES = 64 << 20
 
@@ -67,10 +80,13 @@ class ActivationSource:
     d_in : int
     dtype : str      storage dtype of the first file ("float32", "float16", "bfloat16", ...)
     paths : list of str   the files, in row order (empty for an in-memory array)
+    metadata : dict  what the format records beside the rows (a bf16 harvest's manifest fields
+                     other than its shard list), else empty
     """
 
-    def __init__(self, parts, d_in, dtype, storage_options=None):
+    def __init__(self, parts, d_in, dtype, storage_options=None, metadata=None):
         self._parts = parts
+        self.metadata = dict(metadata or {})
         self.d_in = int(d_in)
         self.dtype = dtype
         self.storage_options = storage_options
@@ -135,6 +151,11 @@ class ActivationSource:
             rb = 4 * self.d_in
             buf = st.read_range(p.path, _GAM_HEADER + a * rb, _GAM_HEADER + b * rb, so)
             return np.frombuffer(buf, dtype="<f4").reshape(b - a, self.d_in).astype(np.float32)
+        if p.kind == "bf16":
+            rb = 2 * self.d_in
+            buf = st.read_range(p.path, a * rb, b * rb, so)
+            bits = np.frombuffer(buf, dtype="<u2").reshape(b - a, self.d_in)
+            return (bits.astype(np.uint32) << 16).view(np.float32)
         if p.kind == "npy":
             arr = np.load(p.path, mmap_mode="r")
             return _widen_np(np.asarray(arr[a:b]))
@@ -194,6 +215,63 @@ def _open_gam(path, so) -> tuple[_Part, int, str]:
             f"{path}: shard is truncated: header expects {need} bytes, file has {size}"
         )
     return _Part("gam", str(path), int(n_rows), {}), int(p), "float32"
+
+
+def _is_bf16_harvest(folder, so) -> bool:
+    """Whether ``folder`` holds a seed-engine bf16 harvest (a ``manifest.json`` naming its format)."""
+    man = st.join(folder, _BF16_MANIFEST)
+    if not st.exists(man, so):
+        return False
+    data = st.read_json(man, so)
+    return isinstance(data, dict) and data.get("format") == _BF16_FORMAT
+
+
+def _open_bf16_harvest(folder, so) -> tuple[list[_Part], int, dict]:
+    man = st.join(folder, _BF16_MANIFEST)
+    m = st.read_json(man, so)
+    if m.get("format_version") != 1:
+        raise InvalidArgumentError(
+            f"{man}: format_version {m.get('format_version')!r} of {_BF16_FORMAT}; only version 1 is known"
+        )
+    if m.get("dtype", "bfloat16") != "bfloat16" or m.get("byte_order", "little") != "little":
+        raise InvalidDtypeError(
+            f"{man}: dtype {m.get('dtype')!r}, byte_order {m.get('byte_order')!r}; expected "
+            "'bfloat16', 'little'"
+        )
+    d = m.get("d_model")
+    if not isinstance(d, int) or isinstance(d, bool) or d < 1:
+        raise InvalidArgumentError(f"{man}: d_model must be a positive integer, got {d!r}")
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise InvalidArgumentError(f"{man}: 'shards' must be a list of {{file, rows}}, got {type(shards).__name__}")
+    parts = []
+    for i, s in enumerate(shards):
+        rows = s.get("rows") if isinstance(s, dict) else None
+        name = s.get("file") if isinstance(s, dict) else None
+        if not isinstance(name, str) or not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            raise InvalidArgumentError(
+                f"{man}: shards[{i}] must be {{'file': name, 'rows': n >= 0}}, got {s!r}"
+            )
+        path = st.join(folder, name)
+        if not st.exists(path, so):
+            raise InvalidArgumentError(f"{path}: shard listed in {man} is missing")
+        need, size = rows * d * 2, st.file_size(path, so)
+        if size < need:
+            raise InvalidArgumentError(
+                f"{path}: shard is truncated: the manifest gives {rows} rows of d_model {d} "
+                f"({need} bytes), the file has {size}"
+            )
+        if rows:
+            parts.append(_Part("bf16", path, rows, {}))
+    total = sum(p.n_rows for p in parts)
+    if "total_tokens" in m and m["total_tokens"] != total:
+        raise InvalidArgumentError(
+            f"{man}: total_tokens = {m['total_tokens']!r}, but its shards hold {total} rows"
+        )
+    if not parts:
+        raise InvalidArgumentError(f"{man}: the harvest holds no rows")
+    meta = {k: v for k, v in m.items() if k != "shards"}
+    return parts, d, meta
 
 
 def _open_npy(path) -> tuple[_Part, int, str]:
@@ -323,7 +401,8 @@ def open_activations(path_or_glob, *, key=None, storage_options=None) -> Activat
     path_or_glob : str, path-like, or array of shape (n_rows, d_in)
         A ``.safetensors``, ``.npy`` or ``.shard`` (GAMSAE01) file; a directory or glob of them
         (concatenated in sorted order); a SAELens Arrow cache directory (``state.json`` +
-        ``*.arrow``); or a numpy, dask or Zarr array.
+        ``*.arrow``); a seed-engine bf16 harvest directory (``manifest.json`` + ``*.bf16``, in
+        the manifest's order); or a numpy, dask or Zarr array.
     key : str, optional
         The tensor (safetensors) or column (Arrow: the hook name) holding the activations, when a
         file holds several.
@@ -357,6 +436,9 @@ def open_activations(path_or_glob, *, key=None, storage_options=None) -> Activat
         return ActivationSource([_Part("array", None, int(shape[0]), {"array": arr})],
                                 shape[1], dt.name, so)
     path = os.fspath(path_or_glob)
+    if not _is_glob(path) and st.isdir(path, so) and _is_bf16_harvest(path, so):
+        parts, d_in, meta = _open_bf16_harvest(path, so)
+        return ActivationSource(parts, d_in, "bfloat16", so, metadata=meta)
     if not st.is_url(path) and os.path.isdir(path.removeprefix("file://")):
         folder = path.removeprefix("file://")
         if os.path.exists(os.path.join(folder, "state.json")) or \

@@ -291,8 +291,8 @@ def default_encode_row_chunk(memory_limit: int, src: EncodedGates, workers: int 
     threads; the slot that finishes last then idles the others for half a chunk on average), but
     ≥ 4096 rows; then evened out (a multiple of 128 rows, the encoder's row tile) so
     that the number of chunks is a multiple of the slots when it can be, and no slot runs a last
-    chunk alone. Every row is encoded on its own, so the chunking changes no result, only how the
-    work spreads."""
+    chunk alone. Every row is encoded on its own (one BLAS thread per task), so the chunking changes
+    the gates by BLAS rounding at most (see :mod:`distpen.sources.sae`), and the selections not."""
     per_row = src.bytes_per_row + 16 * src.row_width()
     w = max(1, int(workers))
     N = int(src.n_tokens)

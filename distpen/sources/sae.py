@@ -13,8 +13,13 @@ Every output gate is ≥ 0 and finite. **Ties in top-k are broken by the lower l
 slots hold its positive gates in decreasing value, equal values in increasing latent index; slots
 beyond the row's positive gates hold value 0 and index −1 (an empty slot). torch's ``topk`` breaks
 ties arbitrarily, so on exact ties distpen is deterministic where the tools are not; the *values*
-agree always. Results do not depend on the block sizes (each pre-activation is one BLAS dot product
-over ``d_in`` whatever the block; the tests check this).
+agree always. The same call on the same rows (same block sizes, same number of rows, one BLAS
+thread, as in every worker task: ``kernel_threads(1)``) gives the same bits, so a job's gates do not
+depend on which worker encodes a chunk. Other block sizes or row counts give the same selections
+with gates equal up to BLAS rounding (a few ulp): BLAS picks its kernel by shape and thread count
+(measured with OpenBLAS 0.3.31, numpy 2.4, on an AMD EPYC: its small-matrix sgemm and its 2-thread
+sgemm each round some entries differently by one ulp). The tests compare a worker's gates with an
+in-process encode of the same chunks under one thread.
 
 ``encode_topk`` and ``encode_csr`` write each block's GEMM into one float32 scratch buffer reused by
 every block of the call, then make one compiled pass over it (``_encode_kernels``: bias, ReLU, the

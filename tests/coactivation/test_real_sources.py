@@ -17,7 +17,7 @@ from distpen.errors import GateDataError, InvalidArgumentError, ShapeMismatchErr
 from distpen.sources import encode as enc_mod
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sources"))
-from _sae_fixtures import dense_gates, random_sae_weights, write_delphi_cache, write_saelens  # noqa: E402
+from _sae_fixtures import dense_gates, encode_as_workers, random_sae_weights, write_delphi_cache, write_saelens  # noqa: E402
 from test_coactivation_stats import full, reference, to_topk, topk_gates  # noqa: E402
 
 STATS = ("pair_sum", "pair_count")
@@ -244,12 +244,12 @@ def test_encoded_gates_equal_encode_gates_then_stats(client, tmp_path, activatio
     assert stored.form == ("topk" if activation == "topk" else "sparse")
     via_store = dp.coactivation_stats(str(tmp_path / "gates"), tmp_path / "via", **args)
     assert_same_bits(direct, via_store)
-    assert_matches(direct, sae.encode(acts).astype(np.float64))
+    assert_matches(direct, encode_as_workers(sae.encode, acts, 100).astype(np.float64))
     # one pass (one group): encoded on the fly, once per chunk
     _reset_encodes(client)
     one = dp.coactivation_stats(dp.EncodedGates(acts, sae), tmp_path / "one", row_chunk=100, tile=48)
     assert _encodes(client) == 7
-    assert_matches(one, sae.encode(acts).astype(np.float64))
+    assert_matches(one, encode_as_workers(sae.encode, acts, 100).astype(np.float64))
     if activation == "jumprelu":  # the SAE's own thresholds change nothing: its gates already exceed them
         same = dp.coactivation_stats(dp.EncodedGates(acts, sae), tmp_path / "thr", fire_threshold=sae.threshold, **args)
         assert_same_bits(same, direct)

@@ -15,7 +15,7 @@ from distpen.coactivation.windows import WindowedGates, window_count
 from distpen.errors import GateDataError, InvalidArgumentError, StoreConflictError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "sources"))
-from _sae_fixtures import dense_gates, random_sae_weights, write_delphi_cache, write_saelens  # noqa: E402
+from _sae_fixtures import dense_gates, encode_as_workers, random_sae_weights, write_delphi_cache, write_saelens  # noqa: E402
 from _sae_fixtures import write_saelens_arrow_cache  # noqa: E402
 from test_coactivation_stats import assert_stats, full, reference, to_topk, topk_gates  # noqa: E402
 
@@ -149,7 +149,7 @@ def test_encoded_activations_from_a_saelens_arrow_cache(client, tmp_path):
     sae = dp.load_sae(str(tmp_path / "sae"))
     src = dp.open_activations(str(tmp_path / "cache"))
     assert src.seq_len == ctx
-    G = sae.encode(acts.reshape(-1, d_in))
+    G = encode_as_workers(sae.encode, acts.reshape(-1, d_in))
     ref = reference(window_max(np.asarray(G, dtype=np.float32), ctx, 4))
     st = dp.coactivation_stats(dp.EncodedGates(src, sae), tmp_path / "st", window=4, tile=8)
     assert st.seq_len == ctx

@@ -125,6 +125,23 @@ def write_sparsify(folder, W_enc, b_enc, b_dec, *, k, transcode=False, **extra):
     return folder
 
 
+def encode_as_workers(method, x, row_chunk=None):
+    """An in-process dense or top-k encode (``sae.encode``, ``sae.encode_topk``) as the worker tasks of
+    a job with ``row_chunk`` run it: one BLAS thread, one call per row chunk, results concatenated.
+    BLAS picks its kernels by shape and thread count, so a row's gates may differ in the last bit
+    with the rows encoded with it (seen with OpenBLAS 0.3.31's small-matrix and threaded sgemm on
+    an AMD EPYC); the same calls give the same bits."""
+    from distpen._workers import kernel_threads
+
+    n = len(x)
+    rc = row_chunk or max(1, n)
+    with kernel_threads(1):
+        parts = [method(x[r:r + rc]) for r in range(0, n, rc)]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(a) for a in zip(*parts))
+    return np.concatenate(parts)
+
+
 # ------------------------------------------------------------------ activation banks
 def write_gam_shard(path, rows):
     """A ``GAMSAE01`` v1 shard (``encode_shard_bytes``: 32-byte header, row-major float32)."""
@@ -132,6 +149,42 @@ def write_gam_shard(path, rows):
     with open(path, "wb") as f:
         f.write(b"GAMSAE01" + struct.pack("<QQII", rows.shape[0], rows.shape[1], 0, 0))
         f.write(rows.tobytes())
+
+
+def bf16_grid(rows):
+    """``rows`` as float32 values that bfloat16 holds exactly (low 16 bits cleared)."""
+    u = np.ascontiguousarray(rows, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFF0000)
+    return u.view(np.float32)
+
+
+def write_gam_bf16_harvest(folder, rows, *, rows_per_shard, meta=None):
+    """A seed-engine bf16 harvest as ``ShardWriter`` (SauersML/gam ``examples/residual_shard_io.py``)
+    leaves it: ``shard_00000.bf16``, … of raw little-endian uint16 bf16 bit patterns (the top half
+    of each float32, rounded to nearest even), ``rows_per_shard`` rows each (the last short), and
+    ``manifest.json`` with the format fields, the shard list, per-dimension ``stats`` and ``meta``
+    merged at top level."""
+    os.makedirs(folder, exist_ok=True)
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    u = x.view(np.uint32)
+    bits = ((u + ((u >> 16) & np.uint32(1)) + np.uint32(0x7FFF)) >> 16).astype("<u2")
+    bits[np.isnan(x)] = 0x7FC0
+    shards = []
+    for i, r0 in enumerate(range(0, x.shape[0], rows_per_shard)):
+        block = bits[r0:r0 + rows_per_shard]
+        name = f"shard_{i:05d}.bf16"
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(block.tobytes())
+        shards.append({"file": name, "rows": int(block.shape[0]), "bytes": int(block.nbytes)})
+    x64 = x.astype(np.float64)
+    manifest = {"format": "residual_shard_bf16", "format_version": 1, "dtype": "bfloat16",
+                "byte_order": "little", "d_model": int(x.shape[1]), "rows_per_shard": int(rows_per_shard),
+                "total_tokens": int(x.shape[0]), "shards": shards,
+                "stats": {"mean": x64.mean(axis=0).astype(np.float32).tolist(),
+                          "norm": np.sqrt((x64 ** 2).mean(axis=0)).astype(np.float32).tolist()}}
+    manifest.update(meta or {})
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return manifest
 
 
 def write_saelens_arrow_cache(folder, hook_name, acts, token_ids, *, n_files=2, batch_rows=3):

@@ -1,7 +1,9 @@
-"""open_activations over safetensors/npy banks, SAELens Arrow caches, GAMSAE01 shards and arrays."""
+"""open_activations over safetensors/npy banks, SAELens Arrow caches, GAMSAE01 shards, seed-engine bf16
+harvests and arrays."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -9,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from distpen.errors import GateDataError, InvalidArgumentError, ShapeMismatchError
+from distpen.errors import GateDataError, InvalidArgumentError, InvalidDtypeError, ShapeMismatchError
 from distpen.sources.activations import open_activations
 
-from _sae_fixtures import write_gam_shard, write_saelens_arrow_cache
+from _sae_fixtures import bf16_grid, write_gam_bf16_harvest, write_gam_shard, write_saelens_arrow_cache
 
 D = 6
 
@@ -101,6 +103,81 @@ def test_gam_shards(tmp_path):
         open_activations(tmp_path / "bad")
 
 
+def test_gam_bf16_harvest(tmp_path):
+    ref = bf16_grid(_rows(13, 11))                      # exact in bf16: the writer's rounding is the identity
+    meta = {"model_name": "gpt2", "layer": 6, "seq_len": 129}
+    write_gam_bf16_harvest(tmp_path / "h", ref, rows_per_shard=5, meta=meta)   # shards of 5, 5, 3 rows
+    src = open_activations(tmp_path / "h")
+    assert src.dtype == "bfloat16" and [os.path.basename(p) for p in src.paths] == \
+        ["shard_00000.bf16", "shard_00001.bf16", "shard_00002.bf16"]
+    _check(src, ref)
+    _check(pickle.loads(pickle.dumps(src)), ref)
+    assert src.metadata["model_name"] == "gpt2" and src.metadata["d_model"] == D
+    assert len(src.metadata["stats"]["mean"]) == D and "shards" not in src.metadata
+    assert src.seq_len is None  # the harvester drops each sequence's first token: rows are not whole sequences
+    # rounding to nearest even on write, widened exactly on read
+    x = np.array([[1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -2.5, 3.0 + 2.0 ** -20, 0.0, -0.0]], np.float32)
+    write_gam_bf16_harvest(tmp_path / "r", x, rows_per_shard=4)
+    got = open_activations(tmp_path / "r").read(0, 1)
+    np.testing.assert_array_equal(got, [[1.0, 1.0 + 2.0 ** -6, -2.5, 3.0, 0.0, -0.0]])
+
+
+def _edit_manifest(folder, **changes):
+    path = os.path.join(folder, "manifest.json")
+    m = json.load(open(path))
+    m.update(changes)
+    json.dump(m, open(path, "w"))
+    return m
+
+
+def test_gam_bf16_harvest_bad_input(tmp_path):
+    ref = _rows(7, 12)
+    write_gam_bf16_harvest(tmp_path / "h", ref, rows_per_shard=4)
+    man = _edit_manifest(tmp_path / "h", total_tokens=8)
+    with pytest.raises(InvalidArgumentError, match=r"manifest.json: total_tokens = 8, but its shards hold 7 rows"):
+        open_activations(tmp_path / "h")
+    _edit_manifest(tmp_path / "h", total_tokens=7, format_version=2)
+    with pytest.raises(InvalidArgumentError, match="format_version 2 of residual_shard_bf16; only version 1"):
+        open_activations(tmp_path / "h")
+    _edit_manifest(tmp_path / "h", format_version=1, byte_order="big")
+    with pytest.raises(InvalidDtypeError, match="byte_order 'big'"):
+        open_activations(tmp_path / "h")
+    _edit_manifest(tmp_path / "h", byte_order="little", shards=[man["shards"][0], {"file": "x.bf16"}])
+    with pytest.raises(InvalidArgumentError, match=r"shards\[1\] must be \{'file': name, 'rows': n >= 0\}"):
+        open_activations(tmp_path / "h")
+    _edit_manifest(tmp_path / "h", shards=man["shards"])
+    raw = open(tmp_path / "h" / "shard_00001.bf16", "rb").read()
+    with open(tmp_path / "h" / "shard_00001.bf16", "wb") as f:
+        f.write(raw[:-2])
+    with pytest.raises(InvalidArgumentError, match=r"shard_00001.bf16: shard is truncated: the manifest gives 3 rows "
+                                                   r"of d_model 6 \(36 bytes\), the file has 34"):
+        open_activations(tmp_path / "h")
+    with open(tmp_path / "h" / "shard_00001.bf16", "wb") as f:  # a provisional shard still growing: longer is fine
+        f.write(raw + raw)
+    _check(open_activations(tmp_path / "h"), bf16_grid_round(ref))
+    os.remove(tmp_path / "h" / "shard_00001.bf16")
+    with pytest.raises(InvalidArgumentError, match=r"shard_00001.bf16: shard listed in .*manifest.json is missing"):
+        open_activations(tmp_path / "h")
+    bad = ref.copy()
+    bad[5, 2] = np.nan                                       # the writer stores NaN as 0x7FC0
+    write_gam_bf16_harvest(tmp_path / "n", bad, rows_per_shard=4)
+    src = open_activations(tmp_path / "n")
+    with pytest.raises(GateDataError, match=r"shard_00001.bf16: activation row 1 \(global row 5"):
+        src.read(0, 7)
+    (tmp_path / "other").mkdir()                             # a manifest.json of another tool is not a harvest
+    json.dump({"format": "something_else"}, open(tmp_path / "other" / "manifest.json", "w"))
+    with pytest.raises(InvalidArgumentError, match="no activation files"):
+        open_activations(tmp_path / "other")
+
+
+def bf16_grid_round(x):
+    """float32 rounded to nearest even bfloat16, computed through float64 (independent of the writer's bits)."""
+    x = np.asarray(x, np.float64)
+    e = np.floor(np.log2(np.abs(x)))
+    q = 2.0 ** (e - 7)                                      # spacing of bf16 (8 significant bits) at |x|
+    return (np.round(x / q) * q).astype(np.float32)          # np.round: half to even
+
+
 def test_saelens_arrow_cache(tmp_path):
     n_seq, ctx = 7, 4
     acts = np.random.default_rng(5).standard_normal((n_seq, ctx, D)).astype(np.float32)
@@ -139,6 +216,10 @@ def test_fsspec_memory_url(tmp_path):
     for f in ("a.safetensors", "b.shard"):
         fs.pipe(f"/bank/{f}", open(tmp_path / f, "rb").read())
     _check(open_activations("memory://bank"), np.concatenate([a, a]))
+    write_gam_bf16_harvest(tmp_path / "h", bf16_grid(a), rows_per_shard=4)
+    for f in os.listdir(tmp_path / "h"):
+        fs.pipe(f"/harvest/{f}", open(tmp_path / "h" / f, "rb").read())
+    _check(open_activations("memory://harvest"), bf16_grid(a))
 
 
 def test_nothing_found(tmp_path):

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from _sae_fixtures import random_sae_weights
+from _sae_fixtures import encode_as_workers, random_sae_weights, write_gam_bf16_harvest
 from safetensors.numpy import save_file
 
 import distpen as dp
@@ -51,9 +51,23 @@ def test_topk_store_has_synth_gates_layout(client, tmp_path):
     assert grp.attrs["complete"] is True and grp.attrs["index_range"] == [-1, 39]
     assert grp["indices"].dtype == np.int32 and grp["indices"].chunks == (100, 4)
     assert grp["values"].dtype == np.float32 and grp["indices"].fill_value == -1
-    idx, val = sae.encode_topk(acts)
+    idx, val = encode_as_workers(sae.encode_topk, acts, 100)
     np.testing.assert_array_equal(grp["indices"][:], idx)
     np.testing.assert_array_equal(grp["values"][:], val)
+
+
+def test_encode_from_seed_engine_bf16_harvest(client, tmp_path):
+    """A bf16 harvest (manifest.json + shard_*.bf16) is encoded on the workers like any bank: the
+    same gates as encoding its rows, widened, in memory."""
+    acts = np.random.default_rng(3).standard_normal((300, 10)).astype(np.float32)
+    write_gam_bf16_harvest(tmp_path / "h", acts, rows_per_shard=128, meta={"model_name": "m"})
+    ref = dp.open_activations(tmp_path / "h").read(0, 300)
+    assert np.abs(ref - acts).max() <= 2.0 ** -8 * np.abs(acts).max()      # bf16: 8 significant bits
+    sae = _sae("topk")
+    g = dp.encode_gates(str(tmp_path / "h"), sae, tmp_path / "g", row_chunk=100)
+    idx, val = encode_as_workers(sae.encode_topk, ref, 100)
+    np.testing.assert_array_equal(g.indices[:], idx)
+    np.testing.assert_array_equal(g.values[:], val)
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu"])
@@ -66,8 +80,8 @@ def test_csr_store_round_trips(client, tmp_path, activation):
     ip, ind, val = again.csr_rows(90, 400)              # across stored chunks
     dense = np.zeros((310, 40), np.float32)
     dense[np.repeat(np.arange(310), np.diff(ip)), ind] = val
-    np.testing.assert_array_equal(dense, sae.encode(acts[90:400]))
-    assert again.nnz == int(np.count_nonzero(sae.encode(acts)))
+    np.testing.assert_array_equal(dense, encode_as_workers(sae.encode, acts, 128)[90:400])
+    assert again.nnz == int(np.count_nonzero(encode_as_workers(sae.encode, acts, 128)))
 
 
 def test_killed_encode_job_resumes_only_missing_chunks(client, tmp_path):
@@ -86,7 +100,7 @@ def test_killed_encode_job_resumes_only_missing_chunks(client, tmp_path):
     ip, ind, val = g.csr_rows(0, 530)
     dense = np.zeros((530, 40), np.float32)
     dense[np.repeat(np.arange(530), np.diff(ip)), ind] = val
-    np.testing.assert_array_equal(dense, sae.encode(acts))
+    np.testing.assert_array_equal(dense, encode_as_workers(sae.encode, acts, 100))
     # a different encoder into the same store is refused
     with pytest.raises(StoreConflictError, match="different encode job"):
         dp.encode_gates(glob, _sae("topk"), tmp_path / "g")
