@@ -182,10 +182,13 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
         # one part per worker, each running the kernels on its worker's threads
         per_worker = max(1, n_threads // max(1, len(workers)))
         ranges = DecoderPlan.balanced(pen, n_tasks or len(workers)).ranges
-        diag_f = None if extra_diag is None or precond == "none" else client.scatter(extra_diag, broadcast=True)
+        # unique keys (hash=False): these futures are cancelled when the solve ends, and a content-hashed
+        # key would cancel the same array scattered by a call that started meanwhile (lost dependencies)
+        diag_f = None if extra_diag is None or precond == "none" else \
+            client.scatter(extra_diag, broadcast=True, hash=False)
         op = None
         if kind == "diag":
-            op = ("diag", client.scatter(extra_op, broadcast=True))
+            op = ("diag", client.scatter(extra_op, broadcast=True, hash=False))
         elif kind is not None:
             op = (kind, extra_op)
         try:
@@ -196,7 +199,8 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
             client.cancel([f for f in (diag_f, op[1] if kind == "diag" else None) if f is not None])
     ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
     pre_f = []
-    diag_f = None if extra_diag is None or precond == "none" else client.scatter(extra_diag, broadcast=True)
+    diag_f = None if extra_diag is None or precond == "none" else \
+        client.scatter(extra_diag, broadcast=True, hash=False)  # unique key: cancelled at the end (see above)
     if precond != "none":
         pre_f = [client.submit(_precond_part, r, pen_f, t_f, rho, precond, damping, threads, diag_f, pure=False)
                  for r in ranges]
@@ -222,7 +226,7 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
 
     worker_extra = None
     if kind == "diag":
-        worker_extra = ("diag", client.scatter(extra_op, broadcast=True))
+        worker_extra = ("diag", client.scatter(extra_op, broadcast=True, hash=False))
     elif kind == "rows":
         worker_extra = ("rows", extra_op)
 
