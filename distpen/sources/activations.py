@@ -154,8 +154,7 @@ class ActivationSource:
         if p.kind == "bf16":
             rb = 2 * self.d_in
             buf = st.read_range(p.path, a * rb, b * rb, so)
-            bits = np.frombuffer(buf, dtype="<u2").reshape(b - a, self.d_in)
-            return (bits.astype(np.uint32) << 16).view(np.float32)
+            return st.widen_to_float32(np.frombuffer(buf, dtype="<u2").reshape(b - a, self.d_in), "BF16")
         if p.kind == "npy":
             arr = np.load(p.path, mmap_mode="r")
             return _widen_np(np.asarray(arr[a:b]))
@@ -168,7 +167,7 @@ class ActivationSource:
 
 def _widen_np(a: np.ndarray) -> np.ndarray:
     if a.dtype.name == "bfloat16":  # ml_dtypes: widen by bits, exactly
-        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return st.widen_to_float32(a.view(np.uint16), "BF16")
     if a.dtype.kind != "f":
         raise InvalidDtypeError(f"activations have dtype {a.dtype}; expected floats")
     return np.ascontiguousarray(a, dtype=np.float32)  # float16 exact; float64 rounds
@@ -217,18 +216,18 @@ def _open_gam(path, so) -> tuple[_Part, int, str]:
     return _Part("gam", str(path), int(n_rows), {}), int(p), "float32"
 
 
-def _is_bf16_harvest(folder, so) -> bool:
-    """Whether ``folder`` holds a seed-engine bf16 harvest (a ``manifest.json`` naming its format)."""
+def _bf16_manifest(folder, so) -> dict | None:
+    """The manifest of a seed-engine bf16 harvest in ``folder`` (a ``manifest.json`` naming its
+    format), or None when ``folder`` is not one."""
     man = st.join(folder, _BF16_MANIFEST)
     if not st.exists(man, so):
-        return False
+        return None
     data = st.read_json(man, so)
-    return isinstance(data, dict) and data.get("format") == _BF16_FORMAT
+    return data if isinstance(data, dict) and data.get("format") == _BF16_FORMAT else None
 
 
-def _open_bf16_harvest(folder, so) -> tuple[list[_Part], int, dict]:
+def _open_bf16_harvest(folder, m: dict, so) -> tuple[list[_Part], int, dict]:
     man = st.join(folder, _BF16_MANIFEST)
-    m = st.read_json(man, so)
     if m.get("format_version") != 1:
         raise InvalidArgumentError(
             f"{man}: format_version {m.get('format_version')!r} of {_BF16_FORMAT}; only version 1 is known"
@@ -436,8 +435,9 @@ def open_activations(path_or_glob, *, key=None, storage_options=None) -> Activat
         return ActivationSource([_Part("array", None, int(shape[0]), {"array": arr})],
                                 shape[1], dt.name, so)
     path = os.fspath(path_or_glob)
-    if not _is_glob(path) and st.isdir(path, so) and _is_bf16_harvest(path, so):
-        parts, d_in, meta = _open_bf16_harvest(path, so)
+    manifest = _bf16_manifest(path, so) if not _is_glob(path) and st.isdir(path, so) else None
+    if manifest is not None:
+        parts, d_in, meta = _open_bf16_harvest(path, manifest, so)
         return ActivationSource(parts, d_in, "bfloat16", so, metadata=meta)
     if not st.is_url(path) and os.path.isdir(path.removeprefix("file://")):
         folder = path.removeprefix("file://")
