@@ -48,6 +48,8 @@ _STATE: dict = {}
 _STATE_LOCK = threading.Lock()
 #: seconds between checks that the pinned workers are alive while waiting on a round
 _LIVENESS_EVERY = 1.0
+#: seconds a failed gather waits for the scheduler to report a pinned worker gone (see _Solve.gather)
+_LOST_GRACE = 10.0
 #: iterations submitted ahead of the one the client waits for: the next iterations' tasks depend on
 #: this one's results directly, so the client's round trip is off the critical path
 AHEAD = 2
@@ -195,16 +197,31 @@ class _Solve:
                                                   f"{self.n_tasks}-{i}")
 
     def gather(self, futs):
-        """The futures' results, or :class:`WorkerLostError` if a pinned worker left meanwhile."""
+        """The futures' results, or :class:`WorkerLostError` if a pinned worker left meanwhile.
+
+        A worker that dies takes its pinned tasks with it: the scheduler forgets them (the futures
+        end cancelled) and a direct gather from it fails to connect, possibly before the scheduler
+        has dropped the worker. Either failure is therefore a lost worker when one of the pinned
+        workers is gone within :data:`_LOST_GRACE` seconds, and itself otherwise."""
+        from concurrent.futures import CancelledError
+
         from distributed import wait
 
-        while True:
-            try:
-                wait(futs, timeout=_LIVENESS_EVERY)
-                break
-            except TimeoutError:
+        try:
+            while True:
+                try:
+                    wait(futs, timeout=_LIVENESS_EVERY)
+                    break
+                except TimeoutError:
+                    self.check_workers()
+            return self.client.gather(futs, direct=True)   # scalars, straight from the workers
+        except (CancelledError, OSError):
+            deadline = time.monotonic() + _LOST_GRACE
+            while True:
                 self.check_workers()
-        return self.client.gather(futs, direct=True)   # scalars, straight from the workers
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def check_workers(self):
         alive = set(_workers(self.client))
