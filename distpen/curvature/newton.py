@@ -182,8 +182,7 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
         # one part per worker, each running the kernels on its worker's threads
         per_worker = max(1, n_threads // max(1, len(workers)))
         ranges = DecoderPlan.balanced(pen, n_tasks or len(workers)).ranges
-        # unique keys (hash=False): these futures are cancelled when the solve ends, and a content-hashed
-        # key would cancel the same array scattered by a call that started meanwhile (lost dependencies)
+        # this solve's own futures, with unique keys (hash=False), released when it ends
         diag_f = None if extra_diag is None or precond == "none" else \
             client.scatter(extra_diag, broadcast=True, hash=False)
         op = None
@@ -196,11 +195,11 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
                                 maxiter=maxiter, threads=threads * per_worker if n_tasks is None else threads,
                                 extra=op, extra_diag_f=diag_f, callback=callback, t0=t0)
         finally:
-            client.cancel([f for f in (diag_f, op[1] if kind == "diag" else None) if f is not None])
+            _release(diag_f, op[1] if kind == "diag" else None)
     ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
     pre_f = []
     diag_f = None if extra_diag is None or precond == "none" else \
-        client.scatter(extra_diag, broadcast=True, hash=False)  # unique key: cancelled at the end (see above)
+        client.scatter(extra_diag, broadcast=True, hash=False)  # this solve's own: released at the end
     if precond != "none":
         pre_f = [client.submit(_precond_part, r, pen_f, t_f, rho, precond, damping, threads, diag_f, pure=False)
                  for r in ranges]
@@ -215,7 +214,7 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
             local_pre = np.concatenate([got[i].reshape(-1) for i in range(len(ranges))])
             if precond == "block":
                 local_pre = local_pre.reshape(pen.k_atoms, p, p)
-            client.cancel(pre_f)
+            _release(*pre_f)
             pre_f = []
 
     def assemble(futs):
@@ -251,8 +250,17 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
     try:
         return _pcg(matvec, apply_m, b, tol, maxiter, precond, callback, t0)
     finally:
-        client.cancel([pen_f, t_f, *pre_f, *([diag_f] if diag_f is not None else []),
-                       *([worker_extra[1]] if kind == "diag" else [])])
+        # release, never cancel: pen_f and t_f stay in BROADCASTS for the next call, and a cancel (which
+        # reaches the scheduler later) would take them from under a solve that reuses them meanwhile
+        _release(*pre_f, diag_f, worker_extra[1] if kind == "diag" else None)
+
+
+def _release(*futures) -> None:
+    """Drop this call's references to ``futures`` (None skipped); the scheduler forgets them once no
+    task needs them."""
+    for f in futures:
+        if f is not None:
+            f.release()
 
 
 def _same_layout(pen, other) -> bool:
