@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "errors": (0, "floor"), "_validation": (0, "floor"), "_fastcheck": (0, "floor"), "_alloc": (0, "floor"),
     "_workers": (0, "floor"), "_parallel": (0, "floor"), "_broadcast": (0, "floor"), "store": (0, "floor"), "_chunkio": (0, "floor"),
-    "cluster": (0, "floor"), "security": (0, "floor"),
+    "cluster": (0, "floor"), "security": (0, "floor"), "_intrinsics": (0, "floor"),
     "weights": (1, "core"), "layout": (1, "core"), "pairs": (1, "core"),
     "penalties": (2, "penalties"),
     "sources": (3, "sources"),

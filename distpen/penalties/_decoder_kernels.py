@@ -18,11 +18,9 @@ Each public kernel is a Python function that allocates its output and runs a ser
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
+from .._intrinsics import prefetch
 from .._parallel import n_chunks_of, run_chunks
 
 _OPTS = dict(cache=True, nogil=True, fastmath=True, error_model="numpy")
@@ -589,21 +587,7 @@ _PF_SEG = 32
 _PF_AHEAD = 2
 
 
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Prefetch the cache line of ``arr[idx]`` for reading (``llvm.prefetch``; no fault, no bounds check)."""
-    def codegen(context, builder, sig, args):
-        aryty = sig.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        # read, high temporal locality (into L1), data cache
-        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-    return types.void(arr, idx), codegen
+_prefetch = prefetch
 
 
 @njit(**_INL)

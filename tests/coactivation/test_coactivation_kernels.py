@@ -250,6 +250,29 @@ def test_scatter_group_picks_its_method_from_the_rows_and_both_agree_bit_for_bit
         ker.scatter_group(csr, 0, tile, nb, tiles, range(len(tiles)), s, c, method="dense")
 
 
+def test_bucketed_scatter_with_buckets_longer_than_the_prefetch_distance_agrees_with_the_tile_route():
+    """The last pass of the bucketed scatter prefetches targets PF_SCATTER updates ahead: a hint
+    that must never change a bit, also with buckets of many times that length and a short tail."""
+    G = _dense(3000, 60, 0.2, 13)
+    tile = 8
+    nb = -(-60 // tile)
+    tiles = [(i, j) for i in range(nb) for j in range(i, nb)][3:]  # a group that skips a few tiles
+    csr = ker.dense_to_csr(G, 0, ker.dense_scan(G))
+    row_nnz = np.diff(csr[0])
+    assert (row_nnz * (row_nnz + 1) // 2).sum() / 60 > 4 * ker.PF_SCATTER  # buckets far longer
+    out = {}
+    for method in ("tile", "bucket"):
+        s = np.zeros((len(tiles), tile, tile))
+        c = np.zeros((len(tiles), tile, tile), dtype=np.int32)
+        ker.scatter_group(csr, 0, tile, nb, tiles, range(len(tiles)), s, c, ker.ScatterWorkspace(5000),
+                          method=method)
+        out[method] = (s, c)
+    assert np.array_equal(out["tile"][0], out["bucket"][0]) and np.array_equal(out["tile"][1], out["bucket"][1])
+    F = (G > 0).astype(np.int64)
+    assert tiles[-1] == (7, 7)  # the ragged diagonal tile: atoms 56..59, upper triangle only
+    np.testing.assert_array_equal(out["bucket"][1][-1][:4, :4], np.triu(F[:, 56:].T @ F[:, 56:]))
+
+
 def test_scatter_group_rejects_bad_accumulators():
     csr = ker.dense_to_csr(np.eye(4), 0, np.ones(4, dtype=np.int64))
     with pytest.raises(ValueError, match=r"shape \(n_slots, 2, 2\)"):
