@@ -8,7 +8,8 @@ updates per token, all slots used), ``N`` tokens, ``G`` tile groups and ``W`` wo
     core-seconds = N·U·t_pair(accumulator bytes of a group)      every pair update lands once
                  + G·N·k·t_slot                                   each group pass walks every slot
                  + N·k·t_read · (passes that miss the chunk cache)
-    wall         = core-seconds / (W · threads per worker)   (at least the longest group)
+    wall         = streaming: the groups' costs handed out in order to whichever of the
+                   W × threads task slots is free first; otherwise core-seconds / (W × threads)
 
 with per-core rates measured on this machine by :func:`calibrate` (``distpen plan --calibrate``) or
 the defaults below (measured on the 2-core machine the project is developed on). ``t_pair`` grows
@@ -162,7 +163,8 @@ def plan_coactivation(n_tokens: int, k_atoms: int, *, topk: int | None = None, d
     prm = choose_parameters(mem, gates, row_chunk, tile, split_every, sparse)
     T, nb = prm["tile"], prm["n_blocks"]
     tiles = _tiles(nb)
-    groups = _group_tiles(tiles, T, mem, prm["fan_in"], _MIN_STREAM_GROUPS if prm["streaming"] else 1)
+    groups = _group_tiles(tiles, T, mem, prm["fan_in"], _MIN_STREAM_GROUPS if prm["streaming"] else 1,
+                          W if prm["streaming"] else 1)
     G = len(groups)
     sizes = [len(g) for g in groups]
     acc = max(sizes) * _partial_bytes(T)
@@ -178,8 +180,14 @@ def plan_coactivation(n_tokens: int, k_atoms: int, *, topk: int | None = None, d
     slot_s = G * N * slots * rates["t_slot"]
     read_s = W * max(1.0, miss) * N * slots * rates["t_read"]
     total = pair_s + slot_s + read_s
-    longest = max(sizes) / max(1, sum(sizes)) * pair_s + (slot_s + read_s) / G
-    wall = max(total / (W * thr), longest / thr)
+    if prm["streaming"]:  # one task per group, handed out in order to whichever slot is free first
+        costs = [n / max(1, sum(sizes)) * pair_s + (slot_s + read_s) / G for n in sizes]
+        free = [0.0] * (W * thr)  # one task per thread, each on a core of its own
+        for c in costs:
+            free[free.index(min(free))] += c
+        wall = max(free)
+    else:  # a group's leaves spread over every worker
+        wall = total / (W * thr)
     return CoactivationPlan(
         n_tokens=N, k_atoms=K, slots_per_token=slots, n_workers=W, threads_per_worker=thr, memory_limit=mem,
         tile=T, row_chunk=prm["row_chunk"], split_every=prm["split_every"], n_tiles=len(tiles), n_groups=G,

@@ -181,7 +181,9 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         wanted = {tuple(u) if not isinstance(u, str) else _parse_unit(u) for u in _units}
         pending = [t for t in pending if t in wanted]
     streaming = prm["streaming"]
-    groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1)
+    # streaming: one task per group, so as many groups as keep every worker busy to the end
+    groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1,
+                          n_workers(client) if streaming else 1)
     # pair products bucketed per scatter pass (12 bytes each): at most 1/10 of a worker's memory
     scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (10 * 12))))
     # when every group reads every chunk, workers keep the sparse rows they read, within 1/8 of memory

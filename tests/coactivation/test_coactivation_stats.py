@@ -412,6 +412,38 @@ def test_groups_are_balanced():
     assert [len(g) for g in groups] == [34, 34, 34, 34] and [t for g in groups for t in g] == tiles
 
 
+def test_streaming_groups_come_in_multiples_of_the_workers():
+    """5 groups on 2 workers would leave one idle for the last round: 6 smaller ones instead,
+    never more groups than tiles."""
+    tiles = coplan._tiles(32)  # 528 tiles of 1024², 117 per group in a 11 GiB worker: 5 groups
+    mem = 11 * 2**30
+    assert len(coplan._group_tiles(tiles, 1024, mem, 1, 4)) == 5
+    groups = coplan._group_tiles(tiles, 1024, mem, 1, 4, multiple_of=2)
+    assert [len(g) for g in groups] == [88] * 6 and [t for g in groups for t in g] == tiles
+    assert len(coplan._group_tiles(tiles, 1024, mem, 1, 4, multiple_of=64)) == 64
+    assert len(coplan._group_tiles(coplan._tiles(3), 1024, mem, 1, 4, multiple_of=64)) == 6  # 6 tiles
+
+
+def test_how_tiles_are_grouped_never_changes_a_bit(client, tmp_path, monkeypatch):
+    """The job rounds its groups up to a multiple of the workers; a cluster of another size groups
+    the tiles differently, and the stores are equal bit for bit."""
+    import distpen.cluster as cluster
+
+    G = topk_gates(n=700, K=40, k=5, seed=4)
+    idx, val = to_topk(G, 5)
+    gates = dp.TopKGates(idx, val, 40)
+    args = dict(row_chunk=100, tile=8, split_every=100)           # 15 tiles, streaming
+    two = dp.coactivation_stats(gates, tmp_path / "two", **args)
+    monkeypatch.setattr(cluster, "n_workers", lambda client=None: 7)
+    seven = dp.coactivation_stats(gates, tmp_path / "seven", **args)
+    assert (two._job.progress()["n_groups"], seven._job.progress()["n_groups"]) == (4, 7)
+    assert_stats(two, reference(G))
+    for name in ("pair_sum", "pair_count"):
+        assert np.array_equal(full(two, name), full(seven, name)), name
+    for name in ("fire_count", "gate_sum", "gate_sq_sum"):
+        assert np.array_equal(getattr(two, name), getattr(seven, name)), name
+
+
 @pytest.mark.parametrize("form", ["topk", "dense"])
 def test_streaming_plan_one_task_per_group(client, tmp_path, form):
     """split_every ≥ the number of row chunks: one task per tile group reads every chunk and writes
