@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from coactivation import _worker_rss_start, _worker_rss_stop, make_cluster  # noqa: E402
+from coactivation import make_cluster, run_distpen  # noqa: E402
 
 
 def resident_scatter_rate(rows: int = 200_000, k: int = 32, tile: int = 128, seed: int = 0) -> dict:
@@ -106,18 +106,13 @@ def main(argv=None) -> int:
         plan = plan_coactivation(N, K, topk=k, n_workers=args.workers, memory_limit=mem,
                                  stored_chunk=g.row_chunk_hint(), rates=rates)
         print(plan, flush=True)
-        client.run(_worker_rss_start)
-        t0 = time.perf_counter()
-        st = dp.coactivation_stats(g, out, overwrite=True, client=client)
-        wall = time.perf_counter() - t0
-        peaks = client.run(_worker_rss_stop)
-        fires = int(st.fire_count.sum()) if hasattr(st, "fire_count") else None
+        wall, st, peak = run_distpen(client, gates, out)
+        fires = int(st.fire_count.sum())
     finally:
         client.close()
         cluster.close()
     pairs = float(plan.pair_updates)
-    cores = args.workers
-    ns_pair = wall * cores / pairs * 1e9
+    ns_pair = wall * args.workers / pairs * 1e9
     res = {
         "n_tokens": N, "k_atoms": K, "topk": k, "workers": args.workers, "wall_s": round(wall, 2),
         "tokens_per_s": round(N / wall), "pair_updates": pairs, "ns_per_pair_per_core": round(ns_pair, 2),
@@ -126,7 +121,7 @@ def main(argv=None) -> int:
         "one_tile_16mib_ns_per_pair": round(rates["t_pair_small"] * 1e9, 2),
         "one_gib_group_ns_per_pair": round(rates["t_pair_large"] * 1e9, 2),
         "predicted_s": round(plan.predicted_s, 1), "prediction_error": round(plan.predicted_s / wall - 1, 3),
-        "worker_peak_rss_gib": round(max(peaks.values()) / 2**30, 2), "n_groups": plan.n_groups,
+        "worker_peak_rss_gib": round(peak / 2**30, 2), "n_groups": plan.n_groups,
         "fires": fires,
     }
     print(f"\nend to end {wall:.1f} s: {N / wall:,.0f} tokens/s (target ≥ 300 000 at 10⁷ × 32 768); "

@@ -587,9 +587,6 @@ _PF_SEG = 32
 _PF_AHEAD = 2
 
 
-_prefetch = prefetch
-
-
 @njit(**_INL)
 def _sq_tiles4(x, oj, mj, ok, mk, p, pf, pf_end):
     """``‖B_j B_kᵀ‖²_F`` for ``M_j``, ``M_k`` multiples of 4, by 4 × 4 register tiles; prefetches the
@@ -617,7 +614,7 @@ def _sq_tiles4(x, oj, mj, ok, mk, p, pf, pf_end):
             c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = 0.0
             for o0 in range(_U(0), up, seg):
                 for _ in range(per):
-                    _prefetch(x, min(cur, last))
+                    prefetch(x, min(cur, last))
                     cur += _U(8)
                 for o in range(o0, min(o0 + seg, up)):
                     a0 = x[s0 + o]
