@@ -681,25 +681,36 @@ def _gate_sqnorms_k(c0, c1, beta, off, m, p, pj, pk, order, mmax, out):
 
 
 @njit(**_OPTS)
-def order_by_first(pj, k_atoms):
-    """A visiting order that groups the pairs by ``j`` (a stable counting sort), or an empty array
-    when ``pj`` is already non-decreasing (the order of a :class:`~distpen.PairTable`)."""
+def order_by_band(pj, pk, k_atoms, band):
+    """A visiting order of the pairs by ``(pj // band, pk)``: stable counting sorts, by ``pk`` then
+    by the band of ``pj`` (``O(n + k_atoms)``).
+
+    The blocks ``B_j`` of one band (a few MiB) stay in cache while the partners ``B_k`` are read in
+    increasing address order, which the hardware prefetchers follow; random candidates read in
+    ``j``-major order wait on memory for every ``B_k`` instead (1.3 µs against 0.9-1.1 µs a pair at
+    K = 32 768, M = 4, p = 256, ``band`` 512).
+    """
     n = pj.shape[0]
-    ok = True
-    for q in range(1, n):
-        if pj[q] < pj[q - 1]:
-            ok = False
-            break
-    if ok:
-        return np.zeros(0, dtype=np.int64)
     start = np.zeros(k_atoms + 1, dtype=np.int64)
     for q in range(n):
-        start[pj[q] + 1] += 1
+        start[pk[q] + 1] += 1
     for a in range(k_atoms):
         start[a + 1] += start[a]
-    order = np.empty(n, dtype=np.int64)
+    by_k = np.empty(n, dtype=np.int64)
     for q in range(n):
-        a = pj[q]
-        order[start[a]] = q
+        a = pk[q]
+        by_k[start[a]] = q
         start[a] += 1
+    n_bands = (k_atoms + band - 1) // band
+    first = np.zeros(n_bands + 1, dtype=np.int64)
+    for q in range(n):
+        first[pj[q] // band + 1] += 1
+    for b in range(n_bands):
+        first[b + 1] += first[b]
+    order = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        q = by_k[i]
+        b = pj[q] // band
+        order[first[b]] = q
+        first[b] += 1
     return order

@@ -20,7 +20,12 @@ from ..layout import DecoderLayout
 from ..pairs import PairTable
 from . import _decoder_kernels as K
 
-__all__ = ["pair_overlap", "smoothstep_gate", "collinearity_gate_local", "check_low", "block_gram_norms", "overlap_of"]
+__all__ = ["pair_overlap", "smoothstep_gate", "collinearity_gate_local", "check_low", "block_gram_norms", "overlap_of",
+           "BAND_BYTES"]
+
+#: bytes of the decoder blocks ``B_j`` that the overlap kernel keeps in cache while it streams their
+#: partners (a band of atoms; a share of L3 for each of two workers here)
+BAND_BYTES = 4 << 20
 
 
 def _check(pairs, t, layout: DecoderLayout) -> np.ndarray:
@@ -80,15 +85,18 @@ def block_gram_norms(t: np.ndarray, layout: DecoderLayout) -> np.ndarray:
 def overlap_of(j: np.ndarray, k: np.ndarray, t: np.ndarray, layout: DecoderLayout, norms=None) -> np.ndarray:
     """The overlaps of the pairs ``(j[q], k[q])`` of ``layout``'s atoms, from a checked ``t`` (no validation).
 
-    The pairs may come in any order: they are visited grouped by ``j`` (so ``B_j`` stays in cache
-    while its partners stream) and the overlaps returned in the given order. ``norms`` are the
-    :func:`block_gram_norms` when the caller already has them (a worker reuses them across tasks).
+    The pairs may come in any order: they are visited by bands of ``j`` (atoms whose blocks take
+    about :data:`BAND_BYTES`, kept in cache) and, within a band, by increasing ``k`` (so the
+    partners' blocks are read in address order), and the overlaps returned in the given order;
+    the order changes the speed only. ``norms`` are the :func:`block_gram_norms` when the caller
+    already has them (a worker reuses them across tasks).
     """
     if j.shape[0] == 0:
         return np.zeros(0)
     off, m, p = layout.offsets, layout.block_sizes, layout.p_out
-    order = K.order_by_first(j, layout.k_atoms)
-    E = K.gate_sqnorms(t, off, m, p, j, k, order if order.shape[0] else None)
+    band = max(1, int(BAND_BYTES * layout.k_atoms // max(1, 8 * layout.n_coef)))
+    order = K.order_by_band(j, k, layout.k_atoms, band)
+    E = K.gate_sqnorms(t, off, m, p, j, k, order)
     g = block_gram_norms(t, layout) if norms is None else norms
     den = g[j] * g[k]
     o = np.zeros_like(E)

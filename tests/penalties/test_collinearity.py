@@ -147,9 +147,11 @@ def test_gate_kernel_matches_pair_kernel_in_any_order(p):
     np.testing.assert_array_equal(shuffled, o[perm])
 
 
-def test_order_by_first_groups_pairs_stably():
-    from distpen.penalties._decoder_kernels import order_by_first
+@pytest.mark.parametrize("band", [1, 3, 7, 64])
+def test_order_by_band_sorts_pairs_by_band_of_j_then_k_stably(band):
+    from distpen.penalties._decoder_kernels import order_by_band
 
-    assert order_by_first(np.array([0, 0, 1, 3, 3]), 4).shape == (0,)  # already grouped: no order needed
-    j = np.random.default_rng(0).integers(0, 7, size=200)
-    np.testing.assert_array_equal(order_by_first(j, 7), np.argsort(j, kind="stable"))
+    rng = np.random.default_rng(band)
+    j, k = rng.integers(0, 40, size=(2, 500))
+    order = order_by_band(j, k, 40, band)
+    np.testing.assert_array_equal(order, np.lexsort((np.arange(500), k, j // band)))
