@@ -104,8 +104,15 @@ class BroadcastCache:
         return fut
 
     def clear(self) -> None:
+        """Drop every entry and release its future (sent now, while the client is up)."""
         with self._lock:
+            entries = list(self._entries.values())
             self._entries.clear()
+        for e in entries:
+            try:
+                e["future"].release()
+            except Exception:  # noqa: BLE001 - a closed client has released it already
+                pass
 
 
 #: the process-wide cache used by :func:`distpen.curvature.evaluate` and :func:`distpen.curvature.newton.newton_step`

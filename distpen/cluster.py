@@ -7,6 +7,7 @@ created) and otherwise calls :func:`connect` with no arguments.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 
@@ -118,6 +119,12 @@ def connect(address=None, *, security=None, **local_cluster_kwargs):
         cluster = LocalCluster(**kwargs)
         client = Client(cluster, set_as_default=True)
         _cache.update(cluster=cluster, client=client, address=None, security=kwargs.get("security"))
+        if not _cache.get("atexit"):
+            # at exit, close the client before the cluster: distributed's own exit hooks (registered
+            # earlier, so run later) would remove the workers first, and the scheduler logs an ERROR
+            # for every broadcast array they still hold ("lose scattered data")
+            atexit.register(close)
+            _cache["atexit"] = True
         return client
 
 
