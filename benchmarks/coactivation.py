@@ -196,6 +196,60 @@ def bench_topk(name, n, K, k, workdir, clusters, rows):
     return sp_tps, dp_times
 
 
+def _frequency_sorted(src: str, dst: str) -> None:
+    """A copy of the top-k gates at ``src`` with the latents renumbered by how often they fire
+    (latent 0 the most frequent), as some released SAEs number them: the pair updates then pile
+    up in the first tiles."""
+    import zarr
+
+    g = zarr.open_group(src, mode="r")
+    idx = g["indices"][:]
+    freq = np.bincount(idx[idx >= 0].ravel(), minlength=int(g.attrs["k_atoms"]))
+    rank = np.empty_like(freq)
+    rank[np.argsort(-freq, kind="stable")] = np.arange(freq.shape[0])
+    new = np.where(idx >= 0, rank[np.maximum(idx, 0)], -1).astype(idx.dtype)
+    out = zarr.open_group(dst, mode="w")
+    out.attrs.update(dict(g.attrs))
+    for name, arr in (("indices", new), ("values", g["values"][:])):
+        z = out.create_array(name, shape=arr.shape, chunks=g[name].chunks, dtype=arr.dtype)
+        z[:] = arr
+
+
+def _group_seconds(ts) -> list[float]:
+    """Durations of the streaming group tasks in a task stream, longest first."""
+    out = []
+    for d in ts.data:
+        if str(d["key"]).startswith("distpen-coact-stream-"):
+            out.append(sum(s["stop"] - s["start"] for s in d["startstops"] if s["action"] == "compute"))
+    return sorted(out, reverse=True)
+
+
+def bench_skewed(name, n, K, k, workdir, client, summary):
+    """Latents numbered by frequency: the tile groups' task times, longest against shortest (the
+    tiles of the most frequent latents receive most pair updates)."""
+    from distributed import get_task_stream
+
+    import distpen as dp
+
+    src = os.path.join(workdir, f"topk-{n}-{K}-{k}")
+    if not os.path.exists(src):
+        dp.synth_gates(src, n, K, topk=k, seed=2, client=client)
+    path = os.path.join(workdir, f"topk-sorted-{n}-{K}-{k}")
+    if not os.path.exists(path):
+        _frequency_sorted(src, path)
+    best = None
+    for _ in range(2):
+        with get_task_stream(client=client) as ts:
+            t, st, peak = run_distpen(client, path, os.path.join(workdir, "st-skewed"))
+        if best is None or t < best[0]:
+            best = (t, _group_seconds(ts), peak)
+    t, groups, peak = best
+    print(f"  [{name}, latents sorted by frequency] {t:.2f} s ({n / t:,.0f} tokens/s), {len(groups)} group "
+          f"tasks of {', '.join(f'{g:.1f}' for g in groups)} s, worker peak {peak / 2**30:.2f} GiB", flush=True)
+    summary.append(f"{name}, latents sorted by frequency: {n / t:,.0f} tokens/s end to end; group tasks "
+                   f"{max(groups):.1f} s longest, {min(groups):.1f} s shortest ({max(groups) / min(groups):.1f}×)")
+
+
 def print_table(rows):
     print()
     print(f"{'case':<26} {'method':<20} {'compute s':>10} {'end-to-end s':>13} {'peer/distpen':>13} {'peak mem':>10}")
@@ -210,7 +264,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     ap.add_argument("--workdir", default=None, help="where gates and stores go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--cases", default="dense,dense50,topk", help="comma list of dense, dense50, topk")
+    ap.add_argument("--cases", default="dense,dense50,topk,skewed",
+                    help="comma list of dense, dense50, topk, skewed (top-k with latents sorted by frequency)")
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="distpen-bench-")
     os.makedirs(workdir, exist_ok=True)
@@ -265,6 +320,15 @@ def main(argv=None):
                 for cl, c in clusters.values():
                     c.close()
                     cl.close()
+        if "skewed" in cases:
+            cl, c = make_cluster(2, "4GiB")
+            try:
+                warm_up(c, workdir)
+                n, K, k = topk
+                bench_skewed(f"top-k {n}x{K} k={k}", n, K, k, workdir, c, summary)
+            finally:
+                c.close()
+                cl.close()
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

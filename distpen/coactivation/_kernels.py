@@ -584,8 +584,32 @@ def scatter_pairs(csr_a, csr_b, i0: int, i1: int, j0: int, j1: int, diag: bool,
                    i0, i1, j0, j1, bool(diag), acc_sum, acc_cnt)
 
 
+@njit(inline="always", **_OPTS)
+def _partners(cols, p, p1, lo, T, I, jlo, jhi):
+    """``[q0, q1)``: the positions of row atom ``p``'s partners (``q ≥ p``) whose block lies in
+    ``[jlo[I], jhi[I])``, the blocks of row ``I``'s tiles in the group (rows are sorted)."""
+    q0 = p if jlo[I] <= I else _lower_bound(cols, p + 1, p1, lo + jlo[I] * T)
+    if jhi[I] >= jhi.shape[0]:  # the row's tiles run to the span's end (most rows of a group)
+        return q0, p1
+    return q0, _lower_bound(cols, q0, p1, lo + jhi[I] * T)
+
+
 @njit(**_OPTS)
-def _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, acc_sum, acc_cnt):
+def _row_partner_blocks(slot_of):
+    """For each block row ``I``: the first and one past the last block ``J`` of its tiles in the group."""
+    n = slot_of.shape[0]
+    jlo = np.full(n, n, dtype=np.int64)
+    jhi = np.zeros(n, dtype=np.int64)
+    for I in range(n):
+        for J in range(n):
+            if slot_of[I, J] >= 0:
+                jlo[I] = min(jlo[I], J)
+                jhi[I] = J + 1
+    return jlo, jhi
+
+
+@njit(**_OPTS)
+def _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, jlo, jhi, acc_sum, acc_cnt):
     """Add one row's in-group pair products straight into the flat accumulators."""
     for p in range(p0, p1):
         a = cols[p] - lo
@@ -593,7 +617,8 @@ def _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, acc_sum, acc_cnt
         if not row_used[I]:
             continue
         xa = np.float64(vals[p])
-        for q in range(p, p1):
+        q0, q1 = _partners(cols, p, p1, lo, T, I, jlo, jhi)
+        for q in range(q0, q1):
             b = cols[q] - lo
             J = blk[b]
             s = slot_of[I, J]
@@ -610,11 +635,10 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
     span = start.shape[0] - 1
     TT = T * T
     cap = buf_val.shape[0]
-    row_used = np.zeros(n_blocks, dtype=np.bool_)
-    for I in range(n_blocks):
-        for J in range(n_blocks):
-            if slot_of[I, J] >= 0:
-                row_used[I] = True
+    # each row atom enumerates only its partners in the blocks of its row's tiles (a group that
+    # starts or ends inside a block row would otherwise walk, and drop, the pairs of the others)
+    jlo, jhi = _row_partner_blocks(slot_of)
+    row_used = jhi > 0
     r = 0
     while r < rows:
         # pass 1: room for each row atom's pairs (every later atom of its row: a bound, O(nnz))
@@ -628,17 +652,21 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
             p1 = _lower_bound(cols, p0, indptr[r_end + 1], lo + span)
             n_row = 0
             for p in range(p0, p1):
-                if row_used[blk[cols[p] - lo]]:
-                    n_row += p1 - p
+                I = blk[cols[p] - lo]
+                if row_used[I]:
+                    q0, q1 = _partners(cols, p, p1, lo, T, I, jlo, jhi)
+                    n_row += q1 - q0
             if total + n_row > cap:
                 if r_end == r:  # one row alone exceeds the buffers: add it directly
-                    _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, acc_sum, acc_cnt)
+                    _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, jlo, jhi, acc_sum, acc_cnt)
                     r_end += 1
                 break
             for p in range(p0, p1):
                 a = cols[p] - lo
-                if row_used[blk[a]]:
-                    start[a + 1] += p1 - p
+                I = blk[a]
+                if row_used[I]:
+                    q0, q1 = _partners(cols, p, p1, lo, T, I, jlo, jhi)
+                    start[a + 1] += q1 - q0
             total += n_row
             r_end += 1
         if total > 0:
@@ -657,7 +685,8 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
                         continue
                     xa = np.float64(vals[p])
                     e = fill[a]
-                    for q in range(p, p1):
+                    q0, q1 = _partners(cols, p, p1, lo, T, I, jlo, jhi)
+                    for q in range(q0, q1):
                         b = cols[q] - lo
                         J = blk[b]
                         s = slot_of[I, J]

@@ -176,6 +176,27 @@ def test_scatter_group_matches_numpy_and_the_per_tile_kernel(tile):
         assert np.array_equal(s1, s[q]) and np.array_equal(c1, c[q])  # same summation order
 
 
+@pytest.mark.parametrize("run", [(0, 3), (2, 9), (4, 5), (6, 15), (9, 21)])
+@pytest.mark.parametrize("method", ["bucket", "tile"])
+def test_scatter_group_over_a_run_that_starts_and_ends_inside_block_rows(run, method):
+    """A group is a consecutive run of tiles in row-major order, which may begin and end in the
+    middle of a block row: its row atoms walk only their own tiles' partners, and every tile still
+    equals the per-tile kernel bit for bit (tiles outside the run stay zero)."""
+    G = _dense(300, 23, 0.3, 11)
+    tile, nb = 4, 6
+    every = [(i, j) for i in range(nb) for j in range(i, nb)]
+    tiles = every[run[0]:run[1]]
+    csr = ker.dense_to_csr(G, 0, ker.dense_scan(G))
+    s = np.zeros((len(tiles), tile, tile))
+    c = np.zeros((len(tiles), tile, tile), dtype=np.int64)
+    ker.scatter_group(csr, 0, tile, nb, tiles, range(len(tiles)), s, c, ker.ScatterWorkspace(50), method=method)
+    for q, (i, j) in enumerate(tiles):
+        s1, c1 = np.zeros((tile, tile)), np.zeros((tile, tile), dtype=np.int64)
+        ker.scatter_pairs(csr, csr, i * tile, min(23, (i + 1) * tile), j * tile, min(23, (j + 1) * tile),
+                          i == j, s1, c1)
+        assert np.array_equal(s1, s[q]) and np.array_equal(c1, c[q]), (i, j)
+
+
 def test_dense_scan_stats_is_one_pass_of_scan_and_vector_stats():
     """The fused scan counts like dense_scan_blocks and sums like the CSR kernel (row order, bit for bit)."""
     G = _dense(300, 21, 0.2, 7, np.float32)
