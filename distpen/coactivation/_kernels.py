@@ -609,12 +609,12 @@ def _row_partner_blocks(slot_of):
 
 
 @njit(**_OPTS)
-def _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, jlo, jhi, acc_sum, acc_cnt):
+def _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, jlo, jhi, acc_sum, acc_cnt):
     """Add one row's in-group pair products straight into the flat accumulators."""
     for p in range(p0, p1):
         a = cols[p] - lo
         I = blk[a]
-        if not row_used[I]:
+        if jhi[I] == 0:
             continue
         xa = np.float64(vals[p])
         q0, q1 = _partners(cols, p, p1, lo, T, I, jlo, jhi)
@@ -636,12 +636,12 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
     TT = T * T
     cap = buf_val.shape[0]
     # each row atom enumerates only its partners in the blocks of its row's tiles (a group that
-    # starts or ends inside a block row would otherwise walk, and drop, the pairs of the others)
+    # starts or ends inside a block row would otherwise walk, and drop, the pairs of the others);
+    # a block row with no tile in the group has jhi = 0
     jlo, jhi = _row_partner_blocks(slot_of)
-    row_used = jhi > 0
     r = 0
     while r < rows:
-        # pass 1: room for each row atom's pairs (every later atom of its row: a bound, O(nnz))
+        # pass 1: room for each row atom's pairs (its partners in its row's tiles: a bound, O(nnz))
         # over rows [r, r_end) while the bound fits the buffers
         start[:] = 0
         total = 0
@@ -653,18 +653,18 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
             n_row = 0
             for p in range(p0, p1):
                 I = blk[cols[p] - lo]
-                if row_used[I]:
+                if jhi[I] > 0:
                     q0, q1 = _partners(cols, p, p1, lo, T, I, jlo, jhi)
                     n_row += q1 - q0
             if total + n_row > cap:
                 if r_end == r:  # one row alone exceeds the buffers: add it directly
-                    _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, row_used, jlo, jhi, acc_sum, acc_cnt)
+                    _add_row(p0, p1, cols, vals, lo, T, slot_of, blk, jlo, jhi, acc_sum, acc_cnt)
                     r_end += 1
                 break
             for p in range(p0, p1):
                 a = cols[p] - lo
                 I = blk[a]
-                if row_used[I]:
+                if jhi[I] > 0:
                     q0, q1 = _partners(cols, p, p1, lo, T, I, jlo, jhi)
                     start[a + 1] += q1 - q0
             total += n_row
@@ -681,7 +681,7 @@ def _scatter_group(indptr, cols, vals, lo, T, slot_of, blk, acc_sum, acc_cnt, st
                 for p in range(p0, p1):
                     a = cols[p] - lo
                     I = blk[a]
-                    if not row_used[I]:
+                    if jhi[I] == 0:
                         continue
                     xa = np.float64(vals[p])
                     e = fill[a]

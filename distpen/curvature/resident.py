@@ -263,8 +263,9 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
         prev = [solve.submit(_init, i, r, pen_f, t_f, rho, b_f[i], precond, damping, threads, extra,
                              extra_diag_f) for i, r in enumerate(ranges)]
         solve.gather(prev)  # the parts exist (and the preconditioners are built) before iterating
-        for f in b_f:
+        for f in b_f:  # each part holds its own copy now
             f.release()
+        b_f = []
         residuals, converged, it = [1.0], False, 0
         rounds = {}  # iteration → its update futures, submitted up to AHEAD iterations early
 
