@@ -126,17 +126,21 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
                                       part["sum"], part["cnt"], ws)
                     del csr
                 conv = {}
+                bits = ker.fire_bits(x) if blas else None  # every atom of the span, once
                 for s in blas:
                     i, j = local[s]
                     for b in {i, j}:
                         if b not in conv:
-                            xb = x[:, b * T:min(hi - lo, (b + 1) * T)]
-                            conv[b] = (np.ascontiguousarray(xb, dtype=np.float64), (xb > 0).astype(np.float32))
+                            c0, c1 = b * T, min(hi - lo, (b + 1) * T)
+                            xb = ws.get(f"blas_x64_{len(conv)}", (r1 - r0) * (c1 - c0), np.float64)
+                            xb = xb.reshape(r1 - r0, c1 - c0)  # reused by the next chunks
+                            np.copyto(xb, x[:, c0:c1])
+                            conv[b] = (xb, bits[c0:c1])
                     if i == j:
                         ker.blas_tile(conv[i][0], conv[i][1], None, None, part["sum"][s], part["cnt"][s])
                     else:
                         ker.blas_tile(conv[i][0], conv[i][1], conv[j][0], conv[j][1], part["sum"][s], part["cnt"][s])
-                del x, conv
+                del x, conv, bits
             else:
                 if plan["form"] == "topk":
                     csr = _topk_chunk(plan, data, base, r0, r1, lo, hi, ws)

@@ -49,13 +49,54 @@ def test_scatter_and_blas_routes_match_numpy(dtype, density, tile):
     c2 = np.zeros((8, 12), dtype=np.int64)
     with threadpool_limits(1):
         if diag:
-            ker.blas_tile(xi.astype(np.float64), (xi > 0).astype(np.float32), None, None, s2, c2)
+            ker.blas_tile(xi.astype(np.float64), ker.fire_bits(xi), None, None, s2, c2)
         else:
-            ker.blas_tile(xi.astype(np.float64), (xi > 0).astype(np.float32),
-                          xj.astype(np.float64), (xj > 0).astype(np.float32), s2, c2)
+            ker.blas_tile(xi.astype(np.float64), ker.fire_bits(xi), xj.astype(np.float64), ker.fire_bits(xj), s2, c2)
     np.testing.assert_allclose(s2[:i1 - i0, :j1 - j0], ref_s, rtol=1e-12, atol=1e-300)
     np.testing.assert_array_equal(c2[:i1 - i0, :j1 - j0], ref_c)
     assert c2.dtype == np.int64 and s2.dtype == np.float64
+    # accumulators of exactly the tile's shape: BLAS adds into them in place, on top of what they hold
+    s3 = np.full((i1 - i0, j1 - j0), 0.5)
+    c3 = np.full((i1 - i0, j1 - j0), 3, dtype=np.int32)
+    with threadpool_limits(1):
+        args = (None, None) if diag else (xj.astype(np.float64), ker.fire_bits(xj))
+        ker.blas_tile(xi.astype(np.float64), ker.fire_bits(xi), *args, s3, c3)
+    mask = np.triu(np.ones_like(ref_c, dtype=bool)) if diag else np.ones_like(ref_c, dtype=bool)
+    np.testing.assert_allclose(s3[mask], ref_s[mask] + 0.5, rtol=1e-12)
+    np.testing.assert_array_equal(c3[mask], ref_c[mask] + 3)
+    assert (s3[~mask] == 0.5).all() and (c3[~mask] == 3).all()  # a diagonal tile's lower triangle: untouched
+
+
+@pytest.mark.parametrize("n_rows", [1, 63, 64, 65, 130, 20_000])
+def test_fire_bits_match_numpy_packbits(n_rows):
+    G = _dense(n_rows, 13, 0.4, n_rows, np.float32)
+    bits = ker.fire_bits(G)
+    assert bits.dtype == np.uint64 and bits.shape == (13, (n_rows + 63) // 64)
+    ref = np.packbits(G > 0, axis=0, bitorder="little")  # (ceil(n/8), 13), zero-padded
+    ref = np.concatenate([ref, np.zeros((-ref.shape[0] % 8, 13), np.uint8)])
+    np.testing.assert_array_equal(bits, np.ascontiguousarray(ref.T).view("<u8"))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 2), (8, 8, 64), (13, 10, 300), (37, 41, 600)])
+@pytest.mark.parametrize("cnt_dtype", [np.int32, np.int64])
+def test_popcount_gram_counts_pairs_exactly(shape, cnt_dtype):
+    n_i, n_j, n_words = shape  # past _GRAM_WORDS words, more than one pass over the words
+    G = _dense(64 * n_words - 5, n_i + n_j, 0.5, n_i, np.float32)
+    F = (G > 0).astype(np.int64)
+    a, b = ker.fire_bits(G[:, :n_i].copy()), ker.fire_bits(G[:, n_i:].copy())
+    base = np.arange((n_i + 2) * (n_j + 3), dtype=cnt_dtype).reshape(n_i + 2, n_j + 3)  # counts are added
+    cnt = base.copy()
+    ker.popcount_gram(a, b, cnt)
+    want = base.copy()
+    want[:n_i, :n_j] += F[:, :n_i].T @ F[:, n_i:]
+    np.testing.assert_array_equal(cnt, want)
+    cnt = base[:, :n_i + 2].copy()  # square, upper triangle only: the rest untouched
+    ker.popcount_gram(a, None, cnt)
+    want = base[:, :n_i + 2].copy()
+    want[:n_i, :n_i] += np.triu(F[:, :n_i].T @ F[:, :n_i])
+    np.testing.assert_array_equal(cnt, want)
+    with pytest.raises(ValueError, match="different rows"):
+        ker.popcount_gram(a, ker.fire_bits(np.zeros((64 * n_words + 1, n_j), np.float32)), cnt)
 
 
 def test_route_follows_measured_density():
@@ -211,16 +252,48 @@ def test_dense_scan_stats_is_one_pass_of_scan_and_vector_stats():
     for a, b in zip(csr, ker.dense_to_csr(G, 40, ker.dense_scan(G))):
         assert np.array_equal(a, b)
     assert np.array_equal(f3, fire) and np.array_equal(s3, gsum)
-    _, over = ker.dense_scan_stats(G, 5, f3, s3, q3, workspace=ws, max_density=0.1)  # 20% > 10%
+    # past the workspace's room (20% > 10%) the rows take the branch-free loops: the same bits
+    f4, s4, q4 = np.zeros(21, dtype=np.int64), np.zeros(21), np.zeros(21)
+    nnz4, over = ker.dense_scan_stats(G, 5, f4, s4, q4, workspace=ws, max_density=0.1)
     assert over is None
+    assert np.array_equal(nnz4, nnz) and np.array_equal(f4, fire) and np.array_equal(s4, gsum)
+    assert np.array_equal(q4, gsq)
     f2, s2, q2 = np.zeros(21, dtype=np.int64), np.zeros(21), np.zeros(21)
     ker.csr_vector_stats(ker.dense_to_csr(G, 0, ker.dense_scan(G)), 0, 21, f2, s2, q2)
     assert np.array_equal(fire, f2) and np.array_equal(gsum, s2) and np.array_equal(gsq, q2)
     G64 = G.astype(np.float64)
     np.testing.assert_allclose(gsq, (G64 ** 2).sum(0), rtol=1e-13)
-    G[150, 3] = np.nan
-    with pytest.raises(GateDataError, match=r"row 1150, atom 13 is NaN"):
-        ker.dense_scan_stats(G, 5, fire, gsum, gsq, row0=1000, col0=10)
+    for value, what in ((np.nan, "is NaN"), (-0.5, "is negative"), (np.inf, "is infinite"), (-np.inf, "is negative")):
+        bad = G.copy()
+        bad[150, 3] = value  # a row the branch-free loops read (no room for sparse rows)
+        with pytest.raises(GateDataError, match=rf"row 1150, atom 13 {what}"):
+            ker.dense_scan_stats(bad, 5, fire, gsum, gsq, row0=1000, col0=10)
+        bad[0, 3] = value  # and the first row, read by the branching loop
+        with pytest.raises(GateDataError, match=rf"row 1000, atom 13 {what}"):
+            ker.dense_scan_stats(bad, 5, fire, gsum, gsq, row0=1000, col0=10, workspace=ws)
+
+
+@pytest.mark.parametrize("max_density", [0.1, 0.2])
+def test_dense_scan_probe_keeps_the_exact_room_rule(max_density):
+    """Dense first rows trigger the probe; the sparse rows are still built exactly when the whole
+    block fits the room (18% of 20%), and the vectors are the same bits either way."""
+    rng = np.random.default_rng(9)
+    G = np.zeros((500, 40), dtype=np.float32)
+    G[:100] = (rng.random((100, 40)) < 0.9) * rng.exponential(1.0, (100, 40))
+    nnz_all = np.count_nonzero(G)
+    assert 0.17 < nnz_all / G.size < 0.19
+    ws = ker.ScatterWorkspace()
+    vec = [np.zeros(40, dtype=np.int64), np.zeros(40), np.zeros(40)]
+    nnz, csr = ker.dense_scan_stats(G, 16, *vec, workspace=ws, max_density=max_density)
+    ref = [np.zeros(40, dtype=np.int64), np.zeros(40), np.zeros(40)]
+    np.testing.assert_array_equal(nnz, ker.dense_scan_stats(G, 16, *ref)[0])
+    for a, b in zip(vec, ref):
+        assert np.array_equal(a, b)
+    if max_density == 0.1:
+        assert csr is None
+    else:
+        for a, b in zip(csr, ker.dense_to_csr(G, 0, ker.dense_scan(G))):
+            assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("cap", [1, 7, 300, 1 << 20])
