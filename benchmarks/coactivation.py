@@ -156,13 +156,18 @@ def bench_dense(name, n, k, density, workdir, clusters, rows):
         res[f"dask.array ({w}w)"] = (t_da, t_da)
         t, st, peak = run_distpen(client, path, os.path.join(workdir, f"st-{name}-{w}"))
         dp_times[w] = (t, peak, st)
-    st = dp_times[max(dp_times)][2]
+    w = max(clusters)
+    st = dp_times[w][2]
+    # the same job again on the same workers: their memory is now faulted in (a long-lived cluster)
+    t, _, peak = run_distpen(clusters[w][1], path, os.path.join(workdir, f"st-{name}-{w}"))
     err = np.abs(st.coactivation_dense() * n - ref).max() / max(np.abs(ref).max(), 1e-30)
     fastest = min(v[1] for v in res.values())
     for peer, (tc, te) in res.items():
         rows.append((name, peer, tc, te, None, None))
-    for w, (t, peak, _) in sorted(dp_times.items()):
-        rows.append((name, f"distpen ({w}w)", t, t, fastest / t, peak))
+    for w, (t_w, peak_w, _) in sorted(dp_times.items()):
+        rows.append((name, f"distpen ({w}w)", t_w, t_w, fastest / t_w, peak_w))
+    dp_times["again"] = (t, peak, st)
+    rows.append((name, f"distpen ({w}w, again)", t, t, fastest / t, peak))
     routes = st._job.progress().get("routes")
     print(f"  [{name}] nnz fraction {nnz / (n * k):.3f}, max rel. diff vs numpy float32 {err:.1e}, "
           f"kernel routes {routes}, tile {st.tile_size}, row_chunk {st.attrs['row_chunk']}", flush=True)
@@ -310,9 +315,10 @@ def main(argv=None):
                     t_np, dpt = bench_dense(name, n, k, 0.5, workdir, clusters, rows)
                     t2 = dpt[2][0]
                     t64 = [r[2] for r in rows if r[0] == name and r[1] == "numpy float64"][0]
+                    ta = dpt["again"][0]
                     summary.append(f"{name}: distpen (2w) {t2:.2f} s vs numpy in-memory G.T@G float64 {t64:.2f} s "
-                                   f"-> {t64 / t2:.2f}× numpy speed (target ≥ 0.7×); float32 {t_np:.2f} s -> "
-                                   f"{t_np / t2:.2f}×")
+                                   f"-> {t64 / t2:.2f}× numpy speed (target ≥ 0.7×; the same job again "
+                                   f"{ta:.2f} s -> {t64 / ta:.2f}×); float32 {t_np:.2f} s -> {t_np / t2:.2f}×")
             finally:
                 for cl, c in clusters.values():
                     c.close()
