@@ -177,7 +177,7 @@ def run_assemble(args) -> int:
 
 def run_newton(args) -> int:
     from ..curvature.evaluate import evaluate
-    from ..curvature.newton import newton_recorder, newton_step, save_newton_result
+    from ..curvature.newton import newton_step
 
     pen, t, rho = _inputs(args)
     client = client_for(args)
@@ -189,17 +189,12 @@ def run_newton(args) -> int:
     bar = _bar("newton", args.quiet)
     try:
         with _Out(args.out, client) as out:
-            record = newton_recorder(out, t_np.shape[0]) if out is not None else None
-
             def callback(it, r):
                 bar.update(it, args.maxiter, residual=f"{r:.2e}")
-                if record is not None:
-                    record(it, r)
 
+            # with a store the workers write x into it and the stage records the residuals as it runs
             res = newton_step(pen, t_np, rho, rhs, damping=args.damping, tol=args.tol, maxiter=args.maxiter,
-                              precond=args.precond, callback=callback)
-            if out is not None:
-                save_newton_result(out, res)
+                              precond=args.precond, callback=callback, out=out)
     finally:
         bar.close()
     if not args.quiet:

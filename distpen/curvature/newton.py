@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -94,7 +95,7 @@ def _apply_precond_part(r, pen, pre, z):
 
 def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxiter: int = 200,
                 precond: str = "block", n_tasks: int | None = None, callback=None, extra=None,
-                vectors: str = "workers") -> NewtonResult:
+                vectors: str = "workers", out=None, chunk: int | None = None) -> NewtonResult:
     """Solve ``(H_GN + damping·I + E) x = rhs`` by matrix-free preconditioned conjugate gradients.
 
     Products with ``H_GN`` run on the cluster over owner-computes parts whose decoder rows stay in
@@ -133,11 +134,21 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
         worker), or on the client, which ships the direction to every worker and gathers the
         product each iteration (``n_tasks`` default: two per worker thread). An extra penalty of
         another layout always takes the client path.
+    out : str or os.PathLike, optional
+        A run store: ``x`` goes into its Zarr array ``newton_x`` and the solve is its stage
+        ``newton`` (the residual history in its progress while it runs, as :func:`newton_recorder`
+        records it; status ``done`` with iterations and residuals at the end, ``failed`` if the
+        solve raised; a new solve replaces the previous one). With ``vectors="workers"`` each worker
+        writes the chunks that lie in its part and the client only the chunks two parts share, so
+        ``x`` never gathers on the client.
+    chunk : int, optional
+        Chunk length of ``newton_x`` (default ``min(n, 2**20)``); only with ``out``.
 
     Returns
     -------
     NewtonResult
-        ``x``, the residual history, the iteration count and whether it converged.
+        ``x`` (numpy, or the Zarr array ``newton_x`` with ``out``), the residual history, the
+        iteration count and whether it converged.
 
     Raises
     ------
@@ -153,6 +164,72 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
         raise InvalidArgumentError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}")
     if vectors not in ("workers", "client"):
         raise InvalidArgumentError(f"vectors must be 'workers' or 'client', got {vectors!r}")
+    if chunk is not None:
+        if out is None:
+            raise InvalidArgumentError("chunk is the chunk length of the result in out=; pass out= too")
+        chunk = check_positive_int(chunk, "chunk")
+    result = _Result(out, chunk, callback) if out is not None else None
+    try:
+        res = _newton_step(penalty, t, rho, rhs, damping, tol, maxiter, precond, n_tasks,
+                           callback if result is None else result.callback, extra, vectors, result)
+    except BaseException as e:
+        if result is not None:
+            result.fail(e)
+        raise
+    return res if result is None else result.finish(res)
+
+
+class _Result:
+    """Where ``newton_step(out=...)`` puts its solve: the run store's stage ``newton`` (unit ``x``)
+    and its array ``newton_x``. Opened by :meth:`open` once the inputs are checked."""
+
+    def __init__(self, out, chunk, callback=None, every: float = 0.5):
+        self.out, self.chunk, self.user_callback, self.every = out, chunk, callback, every
+        self.job = self.z = None
+        self.history, self.last = [1.0], 0.0
+
+    def open(self, n: int):
+        import zarr
+
+        from ..store import RunStore
+
+        store = RunStore(self.out)
+        self.job = store.begin_job("newton", {"kind": "newton_step", "n": int(n)}, ["x"], overwrite=True)
+        self.job.clear("x")  # written afresh: an interrupted write leaves the unit pending
+        group = zarr.open_group(store.path, mode="a")
+        self.z = group.create_array("newton_x", shape=(n,), chunks=(max(1, min(n, self.chunk or 1 << 20)),),
+                                    dtype="f8", fill_value=0.0, overwrite=True)
+        self.job.update_progress(phase="pcg", iterations=0, residuals=[1.0])
+        return self.z
+
+    def callback(self, it: int, rel: float) -> None:
+        self.history.append(float(rel))
+        now = time.perf_counter()
+        if self.job is not None and now - self.last >= self.every:
+            self.job.update_progress(phase="pcg", iterations=int(it), residuals=list(self.history))
+            self.last = now
+        if self.user_callback is not None:
+            self.user_callback(it, rel)
+
+    def finish(self, res: NewtonResult) -> NewtonResult:
+        if self.z is None:
+            self.open(int(np.asarray(res.x).shape[0]))
+        if res.x is not self.z:  # solved on the client: it writes x, chunk by chunk
+            ch = self.z.chunks[0]
+            for a in range(0, self.z.shape[0], ch):
+                self.z[a:a + ch] = res.x[a:a + ch]
+        self.job.mark_done("x")
+        self.job.finish(residuals=[float(r) for r in res.residuals], iterations=int(res.iterations),
+                        converged=bool(res.converged), precond=res.precond, seconds=float(res.seconds))
+        return replace(res, x=self.z)
+
+    def fail(self, error: BaseException) -> None:
+        if self.job is not None:
+            self.job.fail(f"{type(error).__name__}: {error}")
+
+
+def _newton_step(penalty, t, rho, rhs, damping, tol, maxiter, precond, n_tasks, callback, extra, vectors,
+                 result) -> NewtonResult:
     t0 = time.perf_counter()
     check_penalty(penalty)
     if isinstance(penalty, NestedPrefixPenalty):
@@ -170,6 +247,7 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
         t_np = check_vector(t_src.read_all(), "t", length=n)
     client = _client()
     kind, extra_op, extra_diag = _check_extra(extra, n, t, client)
+    out_z = None if result is None else result.open(n)  # the inputs are checked: the store may start
     threads = threads_per_task(client)
     workers = _workers(client)
     n_threads = sum(w.get("nthreads", 1) for w in workers.values())
@@ -193,7 +271,7 @@ def newton_step(penalty, t, rho, rhs, *, damping: float, tol: float = 1e-8, maxi
         try:
             return resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, precond=precond, damping=damping, tol=tol,
                                 maxiter=maxiter, threads=threads * per_worker if n_tasks is None else threads,
-                                extra=op, extra_diag_f=diag_f, callback=callback, t0=t0)
+                                extra=op, extra_diag_f=diag_f, callback=callback, t0=t0, out=out_z)
         finally:
             _release(diag_f, op[1] if kind == "diag" else None)
     ranges = DecoderPlan.balanced(pen, n_tasks or 2 * n_threads).ranges  # atom-aligned ranges
@@ -337,21 +415,8 @@ def newton_recorder(out, n: int, *, every: float = 0.5):
     return callback
 
 
-def save_newton_result(out, result: NewtonResult, *, spec: dict | None = None) -> None:
+def save_newton_result(out, result: NewtonResult) -> None:
     """Write ``result`` into the run store ``out``: ``newton_x`` (Zarr) and the stage ``newton``
-    (manifest with the residual history in its progress), so dashboards can plot it."""
-    import zarr
-
-    from ..store import RunStore
-
-    store = RunStore(out)
-    job = store.begin_job("newton", spec or {"kind": "newton_step", "n": int(result.x.shape[0])}, ["x"],
-                          overwrite=True)
-    group = zarr.open_group(store.path, mode="a")
-    n = result.x.shape[0]
-    x = group.create_array("newton_x", shape=(n,), chunks=(min(n, 1 << 20),), dtype="f8", fill_value=0.0,
-                           overwrite=True)
-    x[:] = result.x
-    job.mark_done("x")
-    job.finish(residuals=[float(r) for r in result.residuals], iterations=int(result.iterations),
-               converged=bool(result.converged), precond=result.precond, seconds=float(result.seconds))
+    (manifest with the residual history in its progress), so dashboards can plot it.
+    ``newton_step(..., out=out)`` does the same while it solves."""
+    _Result(out, None).finish(result)

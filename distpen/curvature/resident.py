@@ -167,6 +167,42 @@ def _result(sid, i):
     return _state(sid, i)["x"]
 
 
+def _write_result(sid, i, z):
+    """Write part ``i``'s rows of ``x`` into the Zarr array ``z``: the chunks that lie wholly in the
+    part, by this worker; returns the rest (at most a piece at each end) as ``[(start, rows)]`` for
+    the client to write with its neighbours' pieces, so that every chunk has one writer."""
+    st = _state(sid, i)
+    c0, c1, x = st["range"].c0, st["range"].c1, st["x"]
+    ch, n = z.chunks[0], z.shape[0]
+    a = -(-c0 // ch) * ch
+    b = c1 if c1 == n else (c1 // ch) * ch  # the last chunk may be short
+    if a >= b:
+        return [(c0, x)]
+    z[a:b] = x[a - c0:b - c0]
+    return [(s, v) for s, v in ((c0, x[:a - c0]), (b, x[b - c0:])) if v.size]
+
+
+def write_pieces(z, pieces) -> None:
+    """Write the chunks of ``z`` that ``pieces`` (``(start, rows)`` from several parts) cover
+    between them, each chunk whole and once. Raises RuntimeError if a chunk is not fully covered."""
+    ch, n = z.chunks[0], z.shape[0]
+    bufs, filled = {}, {}
+    for start, rows in pieces:
+        end = start + rows.shape[0]
+        for c in range(start // ch, (end - 1) // ch + 1):
+            lo, hi = c * ch, min(n, (c + 1) * ch)
+            if c not in bufs:
+                bufs[c], filled[c] = np.empty(hi - lo), 0
+            a, b = max(lo, start), min(hi, end)
+            bufs[c][a - lo:b - lo] = rows[a - start:b - start]
+            filled[c] += b - a
+    for c in sorted(bufs):
+        lo, hi = c * ch, min(n, (c + 1) * ch)
+        if filled[c] != hi - lo:
+            raise RuntimeError(f"chunk {c} of the Newton result got {filled[c]} of its {hi - lo} rows")
+        z[lo:hi] = bufs[c]
+
+
 def _drop(sid) -> int:
     """Forget every part of solve ``sid`` held by this process (run on every worker at the end)."""
     with _STATE_LOCK:
@@ -240,17 +276,22 @@ class _Solve:
 
 
 def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, tol, maxiter, threads,
-                 extra=None, extra_diag_f=None, callback=None, t0=None):
+                 extra=None, extra_diag_f=None, callback=None, t0=None, out=None):
     """Solve ``(H_GN + δI + E) x = b`` with the vectors on the workers (see the module docstring).
 
     ``pen_f``/``t_f`` are the penalty and ``t`` already on every worker; ``ranges`` atom-aligned
     parts (one per worker is best). Returns :class:`~distpen.curvature.newton.NewtonResult`; ``x``
-    is gathered to the client at the end.
+    is gathered to the client at the end, or, with ``out`` (a Zarr array of shape (n,)), written
+    into it by the workers (the client writes only the chunks that straddle two parts) and
+    ``x`` is ``out``.
     """
     t0 = time.perf_counter() if t0 is None else t0
     bnorm = float(np.linalg.norm(b))
     if bnorm == 0.0:
-        return NewtonResult(np.zeros_like(b), [0.0], 0, True, precond, time.perf_counter() - t0)
+        if out is not None:
+            out[:] = 0.0
+        return NewtonResult(np.zeros_like(b) if out is None else out, [0.0], 0, True, precond,
+                            time.perf_counter() - t0)
     addrs = sorted(_workers(client))
     workers = [addrs[i % len(addrs)] for i in range(len(ranges))]
     solve = _Solve(client, ranges, workers)
@@ -295,8 +336,13 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
         # them so that x is read after they have run
         solve.gather([f for fs in rounds.values() for f in fs])
         rounds.clear()
-        out = solve.gather([solve.submit(_result, i) for i in parts])
-        x = np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
+        if out is not None:
+            write_pieces(out, [pc for got in solve.gather([solve.submit(_write_result, i, out) for i in parts])
+                               for pc in got])
+            x = out
+        else:
+            got = solve.gather([solve.submit(_result, i) for i in parts])
+            x = np.concatenate(got) if len(got) > 1 else np.asarray(got[0])
         return NewtonResult(x, residuals, it, converged, precond, time.perf_counter() - t0)
     finally:
         for f in b_f:

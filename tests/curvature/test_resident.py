@@ -146,3 +146,74 @@ def test_resident_handle_sends_t_once_and_releases_it(client, monkeypatch):
     assert BROADCASTS.release(r._scope) == 0                            # closing released its entries
     with pytest.raises(dp.errors.InvalidArgumentError, match="closed"):
         r.evaluate()
+
+
+@pytest.mark.parametrize("vectors, n_tasks, chunk", [("workers", 3, 7), ("workers", 7, 1000), ("workers", 2, 1),
+                                                     ("client", None, 11)])
+def test_newton_result_in_a_store_equals_the_numpy_result(client, tmp_path, vectors, n_tasks, chunk):
+    """With out= the workers write x (chunks inside a part) and the client the chunks two parts
+    share — or, for 1000 > n, the one chunk every part shares: the same bits as x in memory."""
+    import zarr
+
+    pen, beta, rho, rhs = _problem(seed=4)
+    kw = dict(damping=0.3, tol=1e-12, maxiter=300, precond="block", vectors=vectors, n_tasks=n_tasks)
+    a = newton_step(pen, beta, rho, rhs, **kw)
+    seen = []
+    b = newton_step(pen, beta, rho, rhs, out=str(tmp_path / "run"), chunk=chunk,
+                    callback=lambda it, r: seen.append(it), **kw)
+    assert isinstance(b.x, zarr.Array) and b.x.chunks == (min(chunk, beta.shape[0]),)
+    np.testing.assert_array_equal(b.x[:], a.x)
+    assert b.iterations == a.iterations and b.residuals == a.residuals and seen == list(range(1, a.iterations + 1))
+    job = dp.RunStore(str(tmp_path / "run")).job("newton")
+    assert job.status == "done" and job.done() == {"x"}
+    prog = job.progress()
+    assert prog["iterations"] == a.iterations and prog["converged"] and prog["residuals"] == a.residuals
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "run"), mode="r")["newton_x"][:], a.x)
+    assert _held(client) == 0
+
+
+def test_newton_result_store_on_failure_and_bad_chunk(client, tmp_path):
+    pen, beta, rho, rhs = _problem(seed=2)
+    run = str(tmp_path / "run")
+
+    def bad(x, c0, c1):
+        return np.zeros(c1 - c0 + 1)
+
+    with pytest.raises(dp.errors.InvalidArgumentError, match=r"returned shape"):
+        newton_step(pen, beta, rho, rhs, damping=0.2, extra=bad, out=run)
+    job = dp.RunStore(run).job("newton")
+    assert job.status == "failed" and job.done() == set()  # no x to trust
+    assert "returned shape" in job.progress()["failures"][-1]["error"]
+    res = newton_step(pen, beta, rho, rhs, damping=0.2, out=run)  # the same call again, fixed: replaces it
+    assert dp.RunStore(run).job("newton").status == "done"
+    np.testing.assert_array_equal(res.x[:], newton_step(pen, beta, rho, rhs, damping=0.2).x)
+    with pytest.raises(dp.errors.InvalidArgumentError, match="chunk must be"):
+        newton_step(pen, beta, rho, rhs, damping=0.2, out=run, chunk=0)
+    with pytest.raises(dp.errors.InvalidArgumentError, match="pass out= too"):
+        newton_step(pen, beta, rho, rhs, damping=0.2, chunk=5)
+    with pytest.raises(dp.errors.InvalidArgumentError, match="rhs"):  # bad input: the store is not touched
+        newton_step(pen, beta, rho, rhs[:-1], damping=0.2, out=str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")
+
+
+def test_the_client_writes_only_the_chunks_two_parts_share(client, tmp_path, monkeypatch):
+    pen, beta, rho, rhs = _problem(seed=4)
+    got = []
+    real = resident.write_pieces
+    monkeypatch.setattr(resident, "write_pieces", lambda z, pieces: (got.extend(pieces), real(z, pieces)))
+    # parts end on atom bounds, multiples of p_out = 5 here: chunks of 7 straddle them
+    res = newton_step(pen, beta, rho, rhs, damping=0.3, n_tasks=3, out=str(tmp_path / "run"), chunk=7)
+    rows = sum(v.shape[0] for _, v in got)
+    assert 0 < rows <= 2 * 2 * 7  # at most one chunk's worth on each side of the 2 inner part bounds
+    assert rows < beta.shape[0] // 4
+    np.testing.assert_array_equal(res.x[:], newton_step(pen, beta, rho, rhs, damping=0.3, n_tasks=3).x)
+
+
+def test_write_pieces_refuses_a_chunk_left_short(tmp_path):
+    import zarr
+
+    z = zarr.create_array(str(tmp_path / "z"), shape=(10,), chunks=(4,), dtype="f8")
+    resident.write_pieces(z, [(0, np.arange(3.0)), (3, np.arange(3.0, 8.0))])
+    np.testing.assert_array_equal(z[:8], np.arange(8.0))
+    with pytest.raises(RuntimeError, match="chunk 2 of the Newton result got 1 of its 2 rows"):
+        resident.write_pieces(z, [(8, np.zeros(1))])
