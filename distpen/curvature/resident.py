@@ -114,8 +114,12 @@ def _direction(sid, i, bnorm, tol, *scalars):
         st["stop"] = True
         return None
     beta, st["rz"] = rz / st["rz"], rz
-    st["p"] = st["z"] + beta * st["p"]
-    return st["p"]
+    # in place: the last iteration's p_i has reached every matvec (they ran before the updates
+    # this task depends on); beta·p + z is the same float as z + beta·p
+    p = st["p"]
+    p *= beta
+    p += st["z"]
+    return p
 
 
 def _matvec(sid, i, *p_parts):
@@ -125,7 +129,14 @@ def _matvec(sid, i, *p_parts):
         st["stop"] = True
         return None
     rng, pen = st["range"], st["pen"]
-    p = np.concatenate(p_parts) if len(p_parts) > 1 else p_parts[0]
+    if len(p_parts) > 1:  # the full p, in a buffer kept across iterations
+        n = sum(x.shape[0] for x in p_parts)
+        p = st.get("p_full")
+        if p is None or p.shape[0] != n:
+            p = st["p_full"] = np.empty(n)
+        np.concatenate(p_parts, out=p)
+    else:
+        p = p_parts[0]
     with kernel_threads(st["threads"]):
         q = pen._rows("psd_majorizer_hvp", st["t"], st["rho"], p, rng.lo, rng.hi)
         q += st["damping"] * p[rng.c0:rng.c1]
@@ -156,10 +167,14 @@ def _update(sid, i, *paps):
         st["stop"] = True
         return "breakdown"
     alpha = st["rz"] / pap
-    st["x"] += alpha * st["p"]
-    st["r"] -= alpha * st["q"]
-    with kernel_threads(st["threads"]):
-        st["z"] = _apply_precond(st, st["r"])
+    tmp = np.multiply(st["p"], alpha, out=st.setdefault("tmp", np.empty_like(st["p"])))
+    st["x"] += tmp
+    st["r"] -= np.multiply(st["q"], alpha, out=tmp)
+    if st["pre"] is None:  # z = r, no copy: nothing writes r in place before z is read
+        st["z"] = st["r"]
+    else:
+        with kernel_threads(st["threads"]):
+            st["z"] = _apply_precond(st, st["r"])
     return float(np.dot(st["r"], st["r"])), float(np.dot(st["r"], st["z"]))
 
 
