@@ -172,6 +172,8 @@ def _update(sid, i, *paps):
     st["r"] -= np.multiply(st["q"], alpha, out=tmp)
     if st["pre"] is None:  # z = r, no copy: nothing writes r in place before z is read
         st["z"] = st["r"]
+    elif st["pre"].ndim == 1:  # Jacobi, into z itself (the direction task has read it)
+        np.multiply(st["pre"], st["r"], out=st["z"])
     else:
         with kernel_threads(st["threads"]):
             st["z"] = _apply_precond(st, st["r"])
