@@ -850,6 +850,18 @@ def scatter_group(csr, lo: int, tile: int, n_blocks: int, tiles, slots, acc_sum:
     return method
 
 
+@njit(inline="always", **_OPTS)
+def _gate_code(v):
+    """``_OK`` for a valid dense gate, else the code of what is wrong with it."""
+    if v != v:
+        return _NAN
+    if v < 0.0:
+        return _NEG
+    if v == np.inf:
+        return _INF
+    return _OK
+
+
 @njit(**_OPTS)
 def _dense_scan_blocks(x, T, out_nnz):
     rows, cols = x.shape
@@ -857,12 +869,9 @@ def _dense_scan_blocks(x, T, out_nnz):
         for c in range(cols):
             v = x[r, c]
             if v != 0.0:
-                if v != v:
-                    return _NAN, r, c
-                if v < 0.0:
-                    return _NEG, r, c
-                if v == np.inf:
-                    return _INF, r, c
+                code = _gate_code(v)
+                if code != _OK:
+                    return code, r, c
                 out_nnz[r, c // T] += 1
     return _OK, -1, -1
 
@@ -893,13 +902,9 @@ def dense_scan_blocks(x: np.ndarray, tile: int, row0: int = 0, col0: int = 0,
 def _first_bad(x, r):
     """The code and column of the first NaN, negative or infinite gate of row ``r``."""
     for c in range(x.shape[1]):
-        v = x[r, c]
-        if v != v:
-            return _NAN, c
-        if v < 0.0:
-            return _NEG, c
-        if v == np.inf:
-            return _INF, c
+        code = _gate_code(x[r, c])
+        if code != _OK:
+            return code, c
     return _OK, -1
 
 
@@ -924,12 +929,9 @@ def _scan_row_sparse(x, r, T, out_nnz, fire, gsum, gsq, col0, cols, vals, p):
     for c in range(x.shape[1]):
         v = x[r, c]
         if v != 0.0:
-            if v != v:
-                return _NAN, c, p
-            if v < 0.0:
-                return _NEG, c, p
-            if v == np.inf:
-                return _INF, c, p
+            code = _gate_code(v)
+            if code != _OK:
+                return code, c, p
             out_nnz[r, c // T] += 1
             w = np.float64(v)
             fire[c] += 1

@@ -188,18 +188,22 @@ class _Result:
         self.job = self.z = None
         self.history, self.last = [1.0], 0.0
 
+    def begin(self, n: int) -> None:
+        """Begin the stage afresh (the unit ``x`` pending), without its array."""
+        from ..store import RunStore
+
+        self.job = RunStore(self.out).begin_job("newton", {"kind": "newton_step", "n": int(n)}, ["x"],
+                                                overwrite=True)
+        self.job.clear("x")  # written afresh: an interrupted write leaves the unit pending
+        self.job.update_progress(phase="pcg", iterations=0, residuals=[1.0])
+
     def open(self, n: int):
         import zarr
 
-        from ..store import RunStore
-
-        store = RunStore(self.out)
-        self.job = store.begin_job("newton", {"kind": "newton_step", "n": int(n)}, ["x"], overwrite=True)
-        self.job.clear("x")  # written afresh: an interrupted write leaves the unit pending
-        group = zarr.open_group(store.path, mode="a")
+        self.begin(n)
+        group = zarr.open_group(self.job.store.path, mode="a")
         self.z = group.create_array("newton_x", shape=(n,), chunks=(max(1, min(n, self.chunk or 1 << 20)),),
                                     dtype="f8", fill_value=0.0, overwrite=True)
-        self.job.update_progress(phase="pcg", iterations=0, residuals=[1.0])
         return self.z
 
     def callback(self, it: int, rel: float) -> None:
@@ -399,20 +403,9 @@ def _newton_nested(pen, t, rho, rhs, damping, precond, t0, extra=None) -> Newton
 def newton_recorder(out, n: int, *, every: float = 0.5):
     """A ``callback`` for :func:`newton_step` that records the residual history in the run store
     ``out`` while the solve runs (stage ``newton``), so a dashboard can plot it live."""
-    from ..store import RunStore
-
-    job = RunStore(out).begin_job("newton", {"kind": "newton_step", "n": int(n)}, ["x"], overwrite=True)
-    history = [1.0]
-    last = [0.0]
-
-    def callback(it: int, rel: float) -> None:
-        history.append(float(rel))
-        now = time.perf_counter()
-        if now - last[0] >= every:
-            job.update_progress(phase="pcg", iterations=int(it), residuals=list(history))
-            last[0] = now
-
-    return callback
+    rec = _Result(out, None, every=every)
+    rec.begin(n)
+    return rec.callback
 
 
 def save_newton_result(out, result: NewtonResult) -> None:

@@ -167,7 +167,10 @@ def _update(sid, i, *paps):
         st["stop"] = True
         return "breakdown"
     alpha = st["rz"] / pap
-    tmp = np.multiply(st["p"], alpha, out=st.setdefault("tmp", np.empty_like(st["p"])))
+    tmp = st.get("tmp")
+    if tmp is None:  # a scratch vector kept across iterations
+        tmp = st["tmp"] = np.empty_like(st["p"])
+    np.multiply(st["p"], alpha, out=tmp)
     st["x"] += tmp
     st["r"] -= np.multiply(st["q"], alpha, out=tmp)
     if st["pre"] is None:  # z = r, no copy: nothing writes r in place before z is read

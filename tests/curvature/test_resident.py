@@ -217,3 +217,12 @@ def test_write_pieces_refuses_a_chunk_left_short(tmp_path):
     np.testing.assert_array_equal(z[:8], np.arange(8.0))
     with pytest.raises(RuntimeError, match="chunk 2 of the Newton result got 1 of its 2 rows"):
         resident.write_pieces(z, [(8, np.zeros(1))])
+
+
+def test_newton_recorder_writes_the_residual_history(tmp_path):
+    run = str(tmp_path / "run")
+    record = dp.newton_recorder(run, 10, every=0.0)
+    for it, rel in ((1, 0.5), (2, 0.25)):
+        record(it, rel)
+    prog = dp.RunStore(run).job("newton").progress()
+    assert prog["iterations"] == 2 and prog["residuals"] == [1.0, 0.5, 0.25] and prog["phase"] == "pcg"
