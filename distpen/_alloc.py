@@ -47,11 +47,9 @@ class BufferPool:
         """A uint8 buffer of at least ``nbytes`` bytes (contents undefined)."""
         nbytes = max(int(nbytes), 1)
         with self._lock:
-            fits = [b for b in self._free if b.nbytes >= nbytes]
-            if fits:
-                buf = min(fits, key=lambda b: b.nbytes)
-                self._free.remove(buf)
-                return buf
+            fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
+            if fits:  # by position: list.remove would compare the arrays elementwise with ==
+                return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
             if self._free:  # too small: drop one before growing, so the pool never hoards
                 self._free.pop()
         return np.empty(nbytes, dtype=np.uint8)
