@@ -244,46 +244,97 @@ def _cut(mode, value, vec, a, row_max):
 
 
 @njit(**_OPTS)
+def _topk_row_error(idx, val, r, lo, hi, k_atoms, mode):
+    """The first problem of row ``r`` in slot order, as :func:`_topk_rows_csr` reports it:
+    ``(code, atom, value)``, or ``(_OK, …)`` when the row is valid. Only run on a row the fast
+    pass flagged, so it may take its time: it replays the checks slot by slot, with the sorted
+    insertion that finds a repeated atom where it first appears twice."""
+    k = idx.shape[1]
+    ti = np.empty(k, dtype=np.int64)
+    m = 0
+    for s in range(k):
+        a = np.int64(idx[r, s])
+        if a < -1 or a >= k_atoms:
+            return _RANGE, a, 0.0
+        if a == -1:
+            continue
+        v = np.float64(val[r, s])
+        if v == 0.0 or a < lo or a >= hi:
+            continue
+        if v != v:
+            return _NAN, a, v
+        if v < 0.0:
+            return _NEG, a, v
+        if v == np.inf:
+            return _INF, a, v
+        t = m
+        while t > 0 and ti[t - 1] > a:
+            ti[t] = ti[t - 1]
+            t -= 1
+        if t > 0 and ti[t - 1] == a:
+            return _REPEAT, a, v
+        ti[t] = a
+        m += 1
+    return _OK, -1, 0.0
+
+
+@njit(**_OPTS)
 def _topk_rows_csr(idx, val, lo, hi, k_atoms, mode, tval, tvec, indptr, cols, vals):
-    """Each row's selected slots, insertion-sorted by atom (``k`` is small), into CSR arrays;
-    entries at or below the firing threshold are left out (after validation)."""
+    """Each row's selected slots, sorted by atom, into CSR arrays; entries at or below the firing
+    threshold are left out (after validation).
+
+    A row is sorted by rank: each selected slot's position is the number of selected atoms
+    smaller than its own, k comparisons that the compiler vectorises (k ≤ a few hundred here),
+    instead of an insertion sort whose every step is a branch it cannot predict (2.2× faster at
+    k = 32). Slots that are not selected (index −1, value 0, or an atom outside ``[lo, hi)``)
+    get a key above every atom. A row with anything wrong in it — an index out of range, a
+    selected gate that is NaN, negative or infinite, an atom twice — is handed to
+    :func:`_topk_row_error`, so the error named is the first in slot order, as before."""
     rows, k = idx.shape
+    key = np.empty(k, dtype=np.int64)
+    kv = np.empty(k, dtype=np.float64)
     ti = np.empty(k, dtype=np.int64)
     tv = np.empty(k, dtype=np.float64)
+    unsel = np.int64(k_atoms) + 1  # above every atom
+    ulo, width = np.uint64(lo), np.uint64(hi - lo)
     p = 0
     for r in range(rows):
+        ir = idx[r]
+        vr = val[r]
+        n_bad = 0
+        m = 0
+        for s in range(k):
+            a = np.int64(ir[s])
+            v = np.float64(vr[s])
+            sel = (np.uint64(a) - ulo < width) & (v != 0.0)  # lo ≤ a < hi (−1 wraps above) and v ≠ 0
+            n_bad += (a < -1) | (a >= k_atoms) | (sel & ~((v >= 0.0) & (v < np.inf)))
+            key[s] = a if sel else unsel
+            kv[s] = v
+            m += sel
+        if n_bad == 0:
+            for s in range(k):
+                ks = key[s]
+                if ks == unsel:
+                    continue
+                c = 0
+                e = 0
+                for t in range(k):
+                    c += key[t] < ks
+                    e += key[t] == ks
+                if e > 1:  # a repeated atom
+                    n_bad = 1
+                    break
+                ti[c] = ks
+                tv[c] = kv[s]
+        if n_bad:
+            code, a, v = _topk_row_error(idx, val, r, lo, hi, k_atoms, mode)
+            return code, r, a, v
         row_max = 0.0
         if mode == THR_RELATIVE:  # over every slot of the row, whatever the span
             for s in range(k):
-                v = np.float64(val[r, s])
-                if idx[r, s] >= 0 and v > row_max:
+                v = np.float64(vr[s])
+                if ir[s] >= 0 and v > row_max:
                     row_max = v
-        m = 0
-        for s in range(k):
-            a = np.int64(idx[r, s])
-            if a < -1 or a >= k_atoms:
-                return _RANGE, r, a, 0.0
-            if a == -1:
-                continue
-            v = np.float64(val[r, s])
-            if v == 0.0 or a < lo or a >= hi:
-                continue
-            if v != v:
-                return _NAN, r, a, v
-            if v < 0.0:
-                return _NEG, r, a, v
-            if v == np.inf:
-                return _INF, r, a, v
-            t = m
-            while t > 0 and ti[t - 1] > a:
-                ti[t] = ti[t - 1]
-                tv[t] = tv[t - 1]
-                t -= 1
-            if t > 0 and ti[t - 1] == a:
-                return _REPEAT, r, a, v
-            ti[t] = a
-            tv[t] = v
-            m += 1
         for t in range(m):
             if tv[t] > _cut(mode, tval, tvec, ti[t], row_max):
                 cols[p] = ti[t]

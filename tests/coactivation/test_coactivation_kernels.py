@@ -390,6 +390,58 @@ def test_topk_csr_in_a_workspace_equals_fresh_arrays():
         assert np.all(np.diff(fresh[1][fresh[0][0]:fresh[0][1]]) > 0)  # sorted within a row
 
 
+def _topk_csr_reference(idx, val, lo, hi, thr):
+    """Plain Python: each row's slots with an atom in [lo, hi) and a non-zero gate, sorted by atom,
+    kept when the gate exceeds the threshold (scalar, per atom, or relative to the row's largest)."""
+    mode, tval, tvec = thr
+    ip, cols, vals = [0], [], []
+    for r in range(idx.shape[0]):
+        row_max = max([float(v) for a, v in zip(idx[r], val[r]) if a >= 0] + [0.0])
+        kept = sorted((int(a), float(v)) for a, v in zip(idx[r], val[r]) if lo <= a < hi and v != 0)
+        for a, v in kept:
+            cut = tvec[a] if mode == ker.THR_PER_ATOM else tval * row_max if mode == ker.THR_RELATIVE else tval
+            if v > cut:
+                cols.append(a)
+                vals.append(v)
+        ip.append(len(cols))
+    return ip, cols, vals
+
+
+@pytest.mark.parametrize("k", [1, 3, 32, 130])
+def test_topk_csr_rank_sort_matches_a_plain_reference(k):
+    rng = np.random.default_rng(k)
+    K = 300
+    idx = np.argsort(rng.random((120, K)), axis=1)[:, :k].astype(np.int32)
+    idx[rng.random(idx.shape) < 0.15] = -1
+    val = rng.random(idx.shape).astype(np.float32)
+    val[rng.random(idx.shape) < 0.1] = 0.0
+    val[idx == -1] = np.where(rng.random(int((idx == -1).sum())) < 0.5, np.nan, -3.0)  # never read
+    thresholds = [ker.NO_THRESHOLD, ker.threshold_args(("scalar", 0.4)),
+                  ker.threshold_args(("per_atom", rng.random(K) * 0.8)), ker.threshold_args(("relative", 0.5))]
+    for thr in thresholds:
+        for lo, hi in ((0, K), (40, 170), (299, 300)):
+            ip, cols, vals = ker.topk_block_csr(idx, val, lo, hi, K, threshold=thr)
+            want = _topk_csr_reference(idx, val, lo, hi, thr)
+            assert ip.tolist() == want[0]
+            assert cols.tolist() == want[1]
+            assert np.array_equal(vals, np.array(want[2], dtype=np.float32))
+
+
+@pytest.mark.parametrize("row, nan_slot, hi, match", [
+    ([3, 3, 5, 1], 2, 8, r"atom 3 is repeated"),       # the repeat comes first in slot order ...
+    ([3, 5, 3, 1], 1, 8, r"atom 5 is NaN"),            # ... or the NaN does
+    ([9, 2, 2, 1], None, 8, r"atom 9 is an atom index"),
+    ([5, 1, 9, 2], 0, 4, r"atom 9 is an atom index"),  # out of range is found outside the span too;
+])                                                     # a NaN outside it is not read
+def test_topk_csr_names_the_first_problem_of_a_row_in_slot_order(row, nan_slot, hi, match):
+    idx = np.array([[0, 1, 2, 4], row], dtype=np.int32)
+    val = np.ones((2, 4), dtype=np.float32)
+    if nan_slot is not None:
+        val[1, nan_slot] = np.nan
+    with pytest.raises(GateDataError, match=r"row 1, " + match):
+        ker.topk_block_csr(idx, val, 0, hi, 8)
+
+
 def test_partial_with_int32_counts():
     p = ker.new_partial(2, 4, 1, cnt_dtype=np.int32)
     assert p["cnt"].dtype == np.int32 and p["sum"].dtype == np.float64
