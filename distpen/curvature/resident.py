@@ -53,6 +53,8 @@ _LOST_GRACE = 10.0
 #: iterations submitted ahead of the one the client waits for: the next iterations' tasks depend on
 #: this one's results directly, so the client's round trip is off the critical path
 AHEAD = 2
+#: coefficients of ``b`` per scatter (16 MiB): the client's extra memory while it sends ``b``
+RHS_PIECE = 1 << 21
 
 
 def _state(sid: str, i: int) -> dict:
@@ -84,7 +86,7 @@ def _init(sid, i, rng, pen, t, rho, b_i, precond, damping, threads, extra, extra
     pre = None
     if precond != "none":
         pre = _precond_part(rng, pen, t, rho, precond, damping, threads, extra_diag)[1]
-    b_i = np.array(b_i, dtype=np.float64, copy=True)
+    b_i = np.concatenate([np.asarray(x, dtype=np.float64) for x in b_i])  # its pieces, in a new array
     st = {"range": rng, "pen": pen, "t": t, "rho": rho, "damping": float(damping), "threads": int(threads),
           "extra": extra, "pre": pre, "x": np.zeros_like(b_i), "r": b_i, "p": None, "q": None}
     with kernel_threads(threads):
@@ -319,12 +321,15 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
     b_f = []
     try:
         # each part's slice of b goes straight to its worker, not inside the task graph (at
-        # n = 16.8 M distributed warned of a 64 MiB graph, which the scheduler holds and forwards)
-        b_f = [client.scatter(b[r.c0:r.c1], workers=[workers[i]], hash=False) for i, r in enumerate(ranges)]
+        # n = 16.8 M distributed warned of a 64 MiB graph, which the scheduler holds and forwards),
+        # in pieces of RHS_PIECE coefficients: sending a slice costs the client a copy of it, so
+        # whole slices made the client grow with n (+256 MiB at n = 67 M)
+        b_f = [[client.scatter(b[c:min(c + RHS_PIECE, r.c1)], workers=[workers[i]], hash=False)
+                for c in range(r.c0, r.c1, RHS_PIECE)] for i, r in enumerate(ranges)]
         prev = [solve.submit(_init, i, r, pen_f, t_f, rho, b_f[i], precond, damping, threads, extra,
                              extra_diag_f) for i, r in enumerate(ranges)]
         solve.gather(prev)  # the parts exist (and the preconditioners are built) before iterating
-        for f in b_f:  # each part holds its own copy now
+        for f in (f for fs in b_f for f in fs):  # each part holds its own copy now
             f.release()
         b_f = []
         residuals, converged, it = [1.0], False, 0
@@ -365,6 +370,6 @@ def resident_pcg(client, pen, pen_f, t_f, rho, b, ranges, *, precond, damping, t
             x = np.concatenate(got) if len(got) > 1 else np.asarray(got[0])
         return NewtonResult(x, residuals, it, converged, precond, time.perf_counter() - t0)
     finally:
-        for f in b_f:
+        for f in (f for fs in b_f for f in fs):
             f.release()
         solve.close()

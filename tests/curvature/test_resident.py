@@ -42,6 +42,28 @@ def test_any_number_of_parts(client, n_tasks):
     np.testing.assert_allclose(a.x, _dense_solve(pen, beta, rho, rhs, 0.5), rtol=1e-8, atol=1e-10)
 
 
+def test_rhs_sent_in_pieces_gives_the_same_solve(client, monkeypatch):
+    # b reaches the workers in pieces of RHS_PIECE coefficients (the client's memory stays flat in
+    # n); pieces that do not divide the parts evenly, or one piece per part, change no bit of x
+    pen, beta, rho, rhs = _problem(seed=4)
+    whole = newton_step(pen, beta, rho, rhs, damping=0.4, tol=1e-11, maxiter=300, n_tasks=3)
+    sent = []
+    real_scatter = type(client).scatter
+
+    def counting_scatter(self, data, *args, **kwargs):
+        if isinstance(data, np.ndarray) and data.ndim == 1:
+            sent.append(data.size)
+        return real_scatter(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(resident, "RHS_PIECE", 7)
+    monkeypatch.setattr(type(client), "scatter", counting_scatter)
+    pieces = newton_step(pen, beta, rho, rhs, damping=0.4, tol=1e-11, maxiter=300, n_tasks=3)
+    b_sizes = [n for n in sent if n <= 7]
+    assert sum(b_sizes) == rhs.size and len(b_sizes) >= rhs.size // 7
+    assert np.array_equal(whole.x, pieces.x) and whole.residuals == pieces.residuals
+    assert _held(client) == 0
+
+
 def _extra_rows_fn(x, c0, c1):  # E = 0.7·I on every row, as a callable
     return 0.7 * x[c0:c1]
 
