@@ -5,11 +5,13 @@ Run ``python benchmarks/assembly.py`` for the issue's sizes (several minutes on 
 
 1. ``dp.evaluate`` on the decoder incoherence penalty, K = 32 768 atoms, M = 4, p_out = 256,
    10⁶ random pairs (β = 33.5 M coefficients): every op's pairs/s and GFLOP/s next to a GEMM peak
-   measured in the same run, on a ``LocalCluster`` of 1 and 2 worker processes (one thread each),
-   against one in-process call of the same penalty method (numba on every core, and on 1 thread).
-   Target: 2 workers ≥ 1.6× one in-process call. Plus the client- and worker-side overheads of the
-   distributed path measured one by one (plan construction, pickled parts, scatter of t, the gather
-   of each part's decoder rows).
+   measured in the same run, on a ``LocalCluster`` of 1 worker × 1 kernel thread and of 2 workers ×
+   1 kernel thread, against one in-process call of the same penalty method on 1 thread and on every
+   core. Targets (per-core scaling, same kernels): 2 workers × 1 thread ≥ 1.8× the in-process call
+   on 1 thread; 1 worker × 1 thread within 10% of it; a second ``Resident.evaluate`` sends no β
+   (bytes scattered counted). Plus the client- and worker-side overheads of the distributed path
+   measured one by one (plan construction, pickled parts, scatter of t, the gather of each part's
+   decoder rows).
 2. ``dp.assemble_majorizer`` into a Zarr run store: tiles/s and MB/s written (logical tile bytes and
    the chunk bytes on disk, which Zarr compresses with zstd by default) against a disk write
    bandwidth measured in the same run and directory (``fsync``ed). Target ≥ 50%.
@@ -98,11 +100,25 @@ def in_process(pen, op: str, t, v):
             "psd_majorizer_diag": lambda: pen.psd_majorizer_diag(t, rho)}[op]
 
 
-def make_cluster(n_workers: int):
+def make_cluster(n_workers: int, kernel_threads: int | None = None):
+    """``n_workers`` single-threaded workers; ``kernel_threads`` caps the threads of distpen's kernels
+    in each (``NUMBA_NUM_THREADS``, which :func:`distpen._parallel.default_threads` reads): by default
+    a task's kernels take the host's cores shared by its tasks."""
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           host="127.0.0.1")
+    # the workers inherit this process's environment when they are spawned (a Nanny's env= comes too
+    # late: a spawned worker imports this script, hence numba, before it is applied)
+    saved = os.environ.get("NUMBA_NUM_THREADS")
+    if kernel_threads is not None:
+        os.environ["NUMBA_NUM_THREADS"] = str(int(kernel_threads))
+    try:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               host="127.0.0.1")
+    finally:
+        if saved is None:
+            os.environ.pop("NUMBA_NUM_THREADS", None)
+        else:
+            os.environ["NUMBA_NUM_THREADS"] = saved
     return cluster, Client(cluster)  # the default client: distpen's get_client() finds it
 
 
@@ -148,18 +164,21 @@ def bench_evaluate_setup(args):
 
 
 def bench_in_process(args, pen, t, v, ev):
-    """One in-process call of each penalty method: numba on every core, then on 1 thread."""
-    import numba
+    """One in-process call of each penalty method: the kernels on every core, then on 1 thread."""
+    from distpen._parallel import default_threads
 
     small, ts, vs = make_problem(98, 16, 2, 8, 40)
     for op in EVAL_OPS:  # load the cached kernels
         in_process(small, op, ts, vs)()
-    all_threads = numba.get_num_threads()
+    all_threads = default_threads()
     ev["inproc_threads"] = all_threads
     ev["ref"] = {}
+    from distpen._workers import kernel_threads
+
+    # distpen's kernels run on its own thread pool (distpen._parallel), which numba.set_num_threads does
+    # not limit: kernel_threads is what a worker task uses, so the 1-thread reference is one thread
     for threads, key in ((all_threads, "inproc"), (1, "inproc1")):
-        numba.set_num_threads(threads)
-        try:
+        with kernel_threads(threads):
             for op in EVAL_OPS:
                 fn = in_process(pen, op, t, v)
                 if key == "inproc":
@@ -169,9 +188,7 @@ def bench_in_process(args, pen, t, v, ev):
                 else:
                     tm = time_best(fn, repeat=1 if not args.quick else args.repeat, warmup=0)
                 ev.setdefault(key, {})[op] = tm.best
-                print(f"    in-process, numba threads {threads}: {op:<18} {fmt_ms(tm.best):>9}", flush=True)
-        finally:
-            numba.set_num_threads(all_threads)
+                print(f"    in-process, kernel threads {threads}: {op:<18} {fmt_ms(tm.best):>9}", flush=True)
 
 
 def bench_plan_overheads(args, pen, t, ev):
@@ -225,7 +242,10 @@ def bench_plan_overheads(args, pen, t, ev):
 
 def bench_cluster_evaluate(args, pen, t, v, n_workers, ev):
     client = __import__("distpen").cluster.get_client()
-    threads = worker_threads(client)
+    from distpen._parallel import default_threads
+
+    # what a task's kernels get: the cores per task, capped by the worker's NUMBA_NUM_THREADS
+    threads = min(worker_threads(client), min(client.run(default_threads).values()))
     ev.setdefault("worker_threads", {})[n_workers] = threads
     rho = np.zeros(0)
     tsc = time_best(lambda: client.scatter(t, broadcast=True, hash=False), repeat=2, warmup=0)
@@ -246,10 +266,32 @@ def bench_cluster_evaluate(args, pen, t, v, n_workers, ev):
         errs[op] = check(f"evaluate {op} ({n_workers} workers)", box["r"][op], ev["ref"][op])
         ev.setdefault(f"w{n_workers}", {})[op] = tm.best
         ev.setdefault(f"w{n_workers}cold", {})[op] = cold
-        print(f"    {n_workers} worker(s) × {threads} numba thread(s): {op:<18} {fmt_ms(tm.best):>9} "
+        print(f"    {n_workers} worker(s) × {threads} kernel thread(s): {op:<18} {fmt_ms(tm.best):>9} "
               f"(first call, sending penalty and t: {fmt_ms(cold)}; rel. err. {errs[op]:.1e})", flush=True)
     BROADCASTS.clear()
     ev.setdefault("errs", {})[n_workers] = max(errs.values())
+    # a resident penalty: the second call sends nothing of β (every scatter's bytes are counted)
+    sent = []
+    real = type(client).scatter
+
+    def counting(self, data, *a, **kw):
+        sent.append(sum(getattr(x, "nbytes", 0) for x in (data if isinstance(data, (list, tuple)) else [data])))
+        return real(self, data, *a, **kw)
+
+    type(client).scatter = counting
+    try:
+        with dp.Resident(pen, t, rho) as res:
+            res.evaluate(ops=("grad",))
+            first = sum(sent)
+            sent.clear()
+            t0 = time.perf_counter()
+            res.evaluate(ops=("grad",))
+            ev.setdefault("resident", {})[n_workers] = (first, sum(sent), time.perf_counter() - t0)
+    finally:
+        type(client).scatter = real
+    first, second, t2 = ev["resident"][n_workers]
+    print(f"    {n_workers} worker(s): Resident.evaluate(grad) scattered {first / 2**20:,.1f} MiB on its first call, "
+          f"{second / 2**20:,.1f} MiB on the second ({fmt_ms(t2)})", flush=True)
 
 
 def report_evaluate(args, pen, ev, peak, summary):
@@ -263,8 +305,8 @@ def report_evaluate(args, pen, ev, peak, summary):
                      fmt_ms(ev["w2cold"][op]),
                      f"{n_pairs / w2 / 1e6:.2f} M", f"{gf:.2f}", f"{100 * gf / peak:.0f}%",
                      f"{fl / ti / 1e9:.2f}", f"{w1 / w2:.2f}x", f"{ti / w2:.2f}x", f"{t1 / w2:.2f}x"])
-        summary.append([f"evaluate {op}: 2 workers vs one in-process call ({ev['inproc_threads']} threads)",
-                        ti, w2, 1.6])
+        summary.append([f"evaluate {op}: 2 workers × 1 thread vs one in-process call on 1 thread", t1, w2, 1.8])
+        summary.append([f"evaluate {op}: 1 worker × 1 thread vs one in-process call on 1 thread", t1, w1, 0.9])
     it = ev["inproc_threads"]
     print_table(["op", "GFLOP", "in-proc 1 thr", f"in-proc {it} thr", "1 worker", "2 workers", "2 workers, 1st call",
                  "pairs/s (2w)", "GFLOP/s (2w)", "of peak", f"GFLOP/s in-proc {it} thr",
@@ -272,12 +314,15 @@ def report_evaluate(args, pen, ev, peak, summary):
     print(f"    float64 GEMM peak measured now: {peak:.1f} GFLOP/s (numpy matmul, square, all cores)")
     print(f"    'one in-process call' = the penalty method (pen.value, pen.grad_target, pen.hvp, "
           f"pen.psd_majorizer_hvp, pen.psd_majorizer_diag) called once in this process on numpy β, "
-          f"numba prange on {it} threads ('in-proc {it} thr'; the target's reference) and on 1 thread "
-          f"('in-proc 1 thr')")
+          f"its kernels on {it} threads ('in-proc {it} thr') and on 1 thread ('in-proc 1 thr', the targets' "
+          f"reference: distpen's own thread pool, limited as in a worker task)")
     print(f"    dp.evaluate(pen, t, rho, ops=(op,)) end to end from numpy t (plan on the client, tasks, gather of "
-          f"results): 1 worker × {ev['worker_threads'][1]} numba threads (4 parts), "
-          f"2 workers × {ev['worker_threads'][2]} numba thread (8 parts); best of {args.repeat} repeated calls on "
+          f"results): 1 worker × {ev['worker_threads'][1]} kernel thread, "
+          f"2 workers × {ev['worker_threads'][2]} kernel thread; best of {args.repeat} repeated calls on "
           f"the same penalty and t (sent to the workers once); '1st call' also sends them")
+    for nw, (first, second, _) in sorted(ev.get("resident", {}).items()):
+        summary.append([f"Resident.evaluate, {nw} worker(s): β bytes sent by the second call",
+                        ("bytes", first, second), None, None])
     print(f"    every result equals the in-process one: max relative error {max(ev['errs'].values()):.1e} "
           f"(≤ {RTOL:g})")
     print("    flops per pair in units of M_j·M_k·p: value 2, grad 6, hvp 14, psd_majorizer_hvp 8 (minimal counts); "
@@ -502,6 +547,9 @@ def print_summary(summary):
             _, bw, ref, frac = target
             rows.append([op, f"{ref:.2f} GB/s", f"{bw:.2f} GB/s", f"{bw / ref:.0%}", f"≥ {frac:.0%}",
                          "yes" if bw / ref >= frac else "NO"])
+        elif isinstance(tp, tuple) and tp[0] == "bytes":
+            rows.append([op, f"{tp[1] / 2**20:,.1f} MiB (1st)", f"{tp[2] / 2**20:,.1f} MiB", "-", "0 bytes",
+                         "yes" if tp[2] == 0 else "NO"])
         elif isinstance(tp, tuple) and tp[0] == "mib":
             rows.append([op, "-", f"{tp[1]:,.0f} MiB", "-", "flat in n", "-"])
         elif isinstance(tp, tuple):
@@ -538,7 +586,7 @@ def main(argv=None):
             bench_in_process(args, pen, t, v, ev)
             bench_plan_overheads(args, pen, t, ev)
             for nw in (1, 2):
-                cc = make_cluster(nw)
+                cc = make_cluster(nw, kernel_threads=1)
                 warm_up_cluster(workdir)
                 bench_cluster_evaluate(args, pen, t, v, nw, ev)
                 if nw == 1:
