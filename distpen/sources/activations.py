@@ -25,7 +25,10 @@ Formats, confirmed in each writer's source before coding:
   ``shards``, a list of ``{"file", "rows", "bytes"}`` in row order (plus ``stats`` and the
   harvester's provenance fields, kept as ``ActivationSource.metadata``) — and headerless shard
   files ``shard_00000.bf16``, … holding ``rows × d_model`` little-endian uint16 bf16 bit patterns,
-  row-major, widened exactly (``bits << 16``). The manifest's row counts are trusted (a
+  row-major, widened exactly (``bits << 16``). Cross-checked on 2026-12-03 against a second
+  reader in the same repository's code index, a ``load_shard_harvest`` baseline that accepts "the
+  exact on-disk format written by gam's ``ShardWriter``": it reads ``d_model``, each shard's
+  ``file`` and ``rows`` and widens ``<u2`` bits by ``<< 16`` the same way. The manifest's row counts are trusted (a
   ``"provisional"`` manifest's last shard may still be growing), so a file must hold at least
   ``rows · d_model · 2`` bytes.
 - any ``N × d_in`` numpy, dask or Zarr array.
