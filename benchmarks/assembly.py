@@ -111,9 +111,14 @@ def make_cluster(n_workers: int, kernel_threads: int | None = None):
     saved = os.environ.get("NUMBA_NUM_THREADS")
     if kernel_threads is not None:
         os.environ["NUMBA_NUM_THREADS"] = str(int(kernel_threads))
+    import dask
+
+    from distpen.cluster import embedded_worker_config
+
     try:
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               host="127.0.0.1")
+        with dask.config.set(embedded_worker_config()):  # as distpen's embedded cluster makes them
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, host="127.0.0.1")
     finally:
         if saved is None:
             os.environ.pop("NUMBA_NUM_THREADS", None)

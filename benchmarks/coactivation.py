@@ -86,10 +86,15 @@ def timed(fn, *args, **kwargs):
 
 
 def make_cluster(n_workers: int, memory_limit):
+    """Workers as distpen's embedded cluster makes them (its worker configuration included)."""
+    import dask
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                           memory_limit=memory_limit, dashboard_address=":0", host="127.0.0.1")
+    from distpen.cluster import embedded_worker_config
+
+    with dask.config.set(embedded_worker_config()):
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               memory_limit=memory_limit, dashboard_address=":0", host="127.0.0.1")
     return cluster, Client(cluster, set_as_default=False)
 
 
