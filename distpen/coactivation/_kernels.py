@@ -244,7 +244,7 @@ def _cut(mode, value, vec, a, row_max):
 
 
 @njit(**_OPTS)
-def _topk_row_error(idx, val, r, lo, hi, k_atoms, mode):
+def _topk_row_error(idx, val, r, lo, hi, k_atoms):
     """The first problem of row ``r`` in slot order, as :func:`_topk_rows_csr` reports it:
     ``(code, atom, value)``, or ``(_OK, …)`` when the row is valid. Only run on a row the fast
     pass flagged, so it may take its time: it replays the checks slot by slot, with the sorted
@@ -261,12 +261,9 @@ def _topk_row_error(idx, val, r, lo, hi, k_atoms, mode):
         v = np.float64(val[r, s])
         if v == 0.0 or a < lo or a >= hi:
             continue
-        if v != v:
-            return _NAN, a, v
-        if v < 0.0:
-            return _NEG, a, v
-        if v == np.inf:
-            return _INF, a, v
+        code = _gate_code(v)
+        if code != _OK:
+            return code, a, v
         t = m
         while t > 0 and ti[t - 1] > a:
             ti[t] = ti[t - 1]
@@ -327,7 +324,7 @@ def _topk_rows_csr(idx, val, lo, hi, k_atoms, mode, tval, tvec, indptr, cols, va
                 ti[c] = ks
                 tv[c] = kv[s]
         if n_bad:
-            code, a, v = _topk_row_error(idx, val, r, lo, hi, k_atoms, mode)
+            code, a, v = _topk_row_error(idx, val, r, lo, hi, k_atoms)
             return code, r, a, v
         row_max = 0.0
         if mode == THR_RELATIVE:  # over every slot of the row, whatever the span

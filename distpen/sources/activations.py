@@ -28,9 +28,9 @@ Formats, confirmed in each writer's source before coding:
   row-major, widened exactly (``bits << 16``). Cross-checked on 2026-12-03 against a second
   reader in the same repository's code index, a ``load_shard_harvest`` baseline that accepts "the
   exact on-disk format written by gam's ``ShardWriter``": it reads ``d_model``, each shard's
-  ``file`` and ``rows`` and widens ``<u2`` bits by ``<< 16`` the same way. The manifest's row counts are trusted (a
-  ``"provisional"`` manifest's last shard may still be growing), so a file must hold at least
-  ``rows · d_model · 2`` bytes.
+  ``file`` and ``rows`` and widens ``<u2`` bits by ``<< 16`` the same way. The manifest's row
+  counts are trusted (a ``"provisional"`` manifest's last shard may still be growing), so a file
+  must hold at least ``rows · d_model · 2`` bytes.
 - any ``N × d_in`` numpy, dask or Zarr array.
 
 Many files are concatenated in sorted name order. Everything is validated when opened (2-D
