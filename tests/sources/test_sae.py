@@ -108,6 +108,42 @@ def test_topk_ties_lower_index_first():
     assert idx.tolist() == [[1, 2, 4, 0, 3, -1], [-1] * 6] and val[1].tolist() == [0.0] * 6
 
 
+@pytest.mark.parametrize("k", [1, 3, 32, 130])
+@pytest.mark.parametrize("use_thr", [False, True])
+def test_topk_kernel_matches_a_sort_over_blocks(k, use_thr):
+    """The top-k kernel (segment maxima, the lower bound τ on a row's first block, keys compared
+    out of index order) against a plain sort of all the row's gates by (value desc, latent asc):
+    ties made common by rounding, rows with fewer positive gates than k, padded blocks."""
+    from distpen.sources._encode_kernels import decode_keys, topk_block
+
+    rng = np.random.default_rng(k + 10 * use_thr)
+    m, widths = 37, [(1000, 1000), (1024, 700), (300, 300), (4096, 4096)]
+    keys = np.zeros((m, k), np.uint64)
+    full = []
+    l0 = 0
+    for b, (L, real) in enumerate(widths):
+        pre = rng.standard_normal((m + 3, L)).astype(np.float32)
+        pre[: m // 3] = np.round(pre[: m // 3] * 2) / 2        # many exact ties
+        pre[m // 3: m // 2] -= 3.5                               # few positive gates
+        bias = np.round(rng.standard_normal(real) * 2) / 4
+        bias = bias.astype(np.float32)
+        thr = (np.abs(rng.standard_normal(real)) * 0.5).astype(np.float32) if use_thr else bias[:0]
+        assert topk_block(pre, bias, thr, use_thr, l0, real, keys) == -1
+        v = pre[:m, :real] + bias
+        keep = (v > 0) & (v > thr) if use_thr else v > 0
+        full.append(np.where(keep, v, np.float32(0)))
+        l0 += real
+    g = np.concatenate(full, axis=1)
+    idx, val = decode_keys(keys)
+    for r in range(m):
+        pos = np.flatnonzero(g[r] > 0)
+        order = pos[np.lexsort((pos, -g[r, pos]))][:k]
+        want = np.full(k, -1)
+        want[: order.size] = order
+        assert idx[r].tolist() == want.tolist(), r
+        assert val[r, : order.size].tolist() == g[r, order].tolist()
+
+
 def test_apply_b_dec_false_and_pickle(weights, x):
     W_enc, b_enc, _, b_dec, _ = weights
     sae = SAE(W_enc, b_enc, b_dec=b_dec, apply_b_dec_to_input=False)
