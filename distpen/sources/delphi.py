@@ -40,6 +40,7 @@ import tempfile
 import threading
 
 import numpy as np
+from numba import njit
 
 from ..errors import GateDataError, InvalidArgumentError, InvalidDtypeError, ShapeMismatchError
 from . import _safetensors as st
@@ -303,58 +304,40 @@ class DelphiLatents:
         ipath = self._index_path(s)
         if os.path.exists(ipath):
             return ipath
-        loc = st.read_tensor(s.loc, self.storage_options).astype(np.int64)
+        loc = np.ascontiguousarray(st.read_tensor(s.loc, self.storage_options))
         act = st.widen_to_float32(st.read_tensor(s.act, self.storage_options), s.act.dtype)
-        seq, pos, off = loc[:, 0], loc[:, 1], loc[:, 2]
         width = s.end - s.start + 1
-        for col, name, hi in ((seq, "sequence", self.n_sequences), (pos, "position", self.seq_len),
-                              (off, "latent offset", width)):
-            bad = np.flatnonzero((col < 0) | (col >= hi))
-            if bad.size:
-                e = int(bad[0])
+        # one compiled pass finds the first entry failing each check, and whether the entries are
+        # sorted by (token row, latent); the checks are then reported in this order
+        first = np.full(5, -1, dtype=np.int64)
+        is_sorted = _scan_entries(loc, act, self.n_sequences, self.seq_len, width, first)
+        for c, (name, hi) in enumerate((("sequence", self.n_sequences), ("position", self.seq_len),
+                                        ("latent offset", width))):
+            if first[c] >= 0:
+                e = int(first[c])
                 raise GateDataError(
-                    f"{s.path}: entry {e} has {name} {int(col[e])}, outside 0..{hi - 1} "
-                    f"(location {loc[e].tolist()}; the cache has {self.n_sequences} sequences of "
-                    f"{self.seq_len} tokens and this shard {width} latents)"
+                    f"{s.path}: entry {e} has {name} {int(loc[e, c])}, outside 0..{hi - 1} "
+                    f"(location {loc[e].astype(np.int64).tolist()}; the cache has {self.n_sequences} "
+                    f"sequences of {self.seq_len} tokens and this shard {width} latents)"
                 )
-        bad = np.flatnonzero(~np.isfinite(act))
-        if bad.size:
-            e = int(bad[0])
+        seq = loc[:, 0].astype(np.int64) if not is_sorted else None
+        if first[3] >= 0:
+            e = int(first[3])
             raise GateDataError(
-                f"{s.path}: activation {e} is {act[e]} at token row {int(seq[e] * self.seq_len + pos[e])}"
-                " (sequence {}, position {}); the cache is damaged".format(int(seq[e]), int(pos[e]))
+                f"{s.path}: activation {e} is {act[e]} at token row {int(loc[e, 0]) * self.seq_len + int(loc[e, 1])}"
+                " (sequence {}, position {}); the cache is damaged".format(int(loc[e, 0]), int(loc[e, 1]))
             )
-        bad = np.flatnonzero(act < 0)
-        if bad.size:
-            e = int(bad[0])
+        if first[4] >= 0:
+            e = int(first[4])
             raise GateDataError(
                 f"{s.path}: activation {e} is negative ({act[e]}) at token row "
-                f"{int(seq[e] * self.seq_len + pos[e])}, latent {s.start + int(off[e])}; distpen's "
+                f"{int(loc[e, 0]) * self.seq_len + int(loc[e, 1])}, latent {s.start + int(loc[e, 2])}; distpen's "
                 "gates are ≥ 0 (a cache of a signed SAE cannot be used as gates)"
             )
-        key = (seq * self.seq_len + pos) * width + off
-        is_sorted = bool(np.all(key[1:] > key[:-1])) if key.size > 1 else True
-        if not is_sorted:
-            order = np.argsort(key, kind="stable")
-            key = key[order]
-            dup = np.flatnonzero(key[1:] == key[:-1])
-            if dup.size:
-                kd = int(key[dup[0]])
-                row, lat = divmod(kd, width)
-                raise GateDataError(
-                    f"{s.path}: token row {row} (sequence {row // self.seq_len}, position "
-                    f"{row % self.seq_len}) has latent {s.start + lat} twice; a cache holds one "
-                    "entry per (token, latent)"
-                )
-            seq = seq[order]
-        offsets = np.searchsorted(seq, np.arange(self.n_sequences + 1), side="left").astype(np.int64)
-        data = {"seq_offsets": offsets,
-                "sorted": np.array([1 if is_sorted else 0], dtype=np.int64)}
-        if not is_sorted:
-            row = key // width
-            data["pos"] = (row % self.seq_len).astype(np.int32)
-            data["col"] = (key % width).astype(np.int32)
-            data["val"] = act[order]
+        if is_sorted:
+            data = {"seq_offsets": _seq_offsets(loc, self.n_sequences), "sorted": np.array([1], dtype=np.int64)}
+        else:
+            data = self._sorted_index(s, loc, act, seq, width)
         from safetensors.numpy import save_file
 
         os.makedirs(os.path.dirname(ipath), exist_ok=True)
@@ -363,6 +346,30 @@ class DelphiLatents:
         os.replace(tmp, ipath)  # atomic: a concurrent reader sees the whole index or none
         return ipath
 
+    def _sorted_index(self, s, loc, act, seq, width):
+        """The index of a shard whose entries are not in (token row, latent) order: the entries
+        sorted, as positions, latent offsets and values (a repeated (token, latent) refused)."""
+        pos, off = loc[:, 1].astype(np.int64), loc[:, 2].astype(np.int64)
+        key = (seq * self.seq_len + pos) * width + off
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        dup = np.flatnonzero(key[1:] == key[:-1])
+        if dup.size:
+            kd = int(key[dup[0]])
+            row, lat = divmod(kd, width)
+            raise GateDataError(
+                f"{s.path}: token row {row} (sequence {row // self.seq_len}, position "
+                f"{row % self.seq_len}) has latent {s.start + lat} twice; a cache holds one "
+                "entry per (token, latent)"
+            )
+        seq = seq[order]
+        row = key // width
+        return {"seq_offsets": np.searchsorted(seq, np.arange(self.n_sequences + 1), side="left").astype(np.int64),
+                "sorted": np.array([0], dtype=np.int64),
+                "pos": (row % self.seq_len).astype(np.int32),
+                "col": (key % width).astype(np.int32),
+                "val": act[order]}
+
     def index(self) -> None:
         """Index every shard (each is read once; later ``read_csr`` calls read byte ranges only)."""
         for i in range(len(self._shards)):
@@ -370,6 +377,9 @@ class DelphiLatents:
 
     # ------------------------------------------------------------------ reading
     def _shard_slice(self, i, seq0, seq1):
+        """Shard ``i``'s entries for sequences ``seq0 … seq1``, in (token row, latent) order: either
+        ``("loc", locations [n, 3] as stored, activations float32)`` (a sorted shard, read in place)
+        or ``("rows", row int64, latent offset int32, activations float32)`` (from the index)."""
         s = self._shards[i]
         ipath = self.index_shard(i)
         itens, _ = st.read_header(ipath)
@@ -377,23 +387,16 @@ class DelphiLatents:
         o0, o1 = int(offs[0]), int(offs[-1])
         is_sorted = bool(st.read_tensor(itens["sorted"])[0])
         if o1 == o0:
-            return (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+            return None
         if is_sorted:
-            loc = st.read_rows(s.loc, o0, o1, self.storage_options).astype(np.int64)
+            loc = np.ascontiguousarray(st.read_rows(s.loc, o0, o1, self.storage_options))
             act = st.widen_to_float32(st.read_rows(s.act, o0, o1, self.storage_options), s.act.dtype)
-            row = (loc[:, 0] - seq0) * self.seq_len + loc[:, 1]
-            col = loc[:, 2].astype(np.int32)
-        else:
-            pos = st.read_rows(itens["pos"], o0, o1).astype(np.int64)
-            col = st.read_rows(itens["col"], o0, o1).astype(np.int32)
-            act = st.read_rows(itens["val"], o0, o1).astype(np.float32)
-            seq_of = np.repeat(np.arange(seq0, seq1, dtype=np.int64), np.diff(offs))
-            row = (seq_of - seq0) * self.seq_len + pos
-        col += np.int32(s.start)
-        keep = act > 0
-        if not keep.all():
-            row, col, act = row[keep], col[keep], act[keep]
-        return row, col, act
+            return ("loc", loc, act)
+        pos = st.read_rows(itens["pos"], o0, o1).astype(np.int64)
+        col = np.ascontiguousarray(st.read_rows(itens["col"], o0, o1), dtype=np.int32)
+        act = np.ascontiguousarray(st.read_rows(itens["val"], o0, o1), dtype=np.float32)
+        seq_of = np.repeat(np.arange(seq0, seq1, dtype=np.int64), np.diff(offs))
+        return ("rows", (seq_of - seq0) * self.seq_len + pos, col, act)
 
     def read_csr(self, seq0: int, seq1: int):
         """Gates of token rows ``seq0·seq_len … seq1·seq_len`` as CSR.
@@ -414,14 +417,101 @@ class DelphiLatents:
                 f"sequence range {seq0}..{seq1} is outside 0..{self.n_sequences}"
             )
         n_rows = (seq1 - seq0) * self.seq_len
-        parts = [self._shard_slice(i, seq0, seq1) for i in range(len(self._shards))]
-        row = np.concatenate([p[0] for p in parts])
-        col = np.concatenate([p[1] for p in parts])
-        val = np.concatenate([p[2] for p in parts])
-        # shards ascend in latent and each slice is (row, latent)-sorted: a stable sort by row
-        # leaves the latents of a row increasing
-        order = np.argsort(row, kind="stable")
+        parts = [(self._shards[i].start, self._shard_slice(i, seq0, seq1)) for i in range(len(self._shards))]
+        parts = [(start, p) for start, p in parts if p is not None]
+        # a counting sort by token row: shards ascend in latent and each slice is (row, latent)
+        # sorted, so placing the slices in shard order leaves the latents of a row increasing
+        counts = np.zeros(n_rows, dtype=np.int64)
+        for start, p in parts:
+            if p[0] == "loc":
+                _count_loc(p[1], p[2], seq0, self.seq_len, counts)
+            else:
+                _count_rows(p[1], p[3], counts)
         indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(np.bincount(row, minlength=n_rows), out=indptr[1:])
-        return indptr, col[order].astype(np.int32, copy=False), val[order].astype(np.float32,
-                                                                                  copy=False)
+        np.cumsum(counts, out=indptr[1:])
+        cursor = indptr[:-1].copy()
+        indices = np.empty(int(indptr[-1]), dtype=np.int32)
+        values = np.empty(int(indptr[-1]), dtype=np.float32)
+        for start, p in parts:
+            if p[0] == "loc":
+                _place_loc(p[1], p[2], seq0, self.seq_len, start, cursor, indices, values)
+            else:
+                _place_rows(p[1], p[2], p[3], start, cursor, indices, values)
+        return indptr, indices, values
+
+
+@njit(cache=True, nogil=True)
+def _count_loc(loc, act, seq0, seq_len, counts):
+    """Entries with a positive activation per token row (``loc`` rows: sequence, position, latent
+    offset, as the cache stores them)."""
+    for e in range(act.shape[0]):
+        if act[e] > 0:
+            counts[(np.int64(loc[e, 0]) - seq0) * seq_len + np.int64(loc[e, 1])] += 1
+
+
+@njit(cache=True, nogil=True)
+def _count_rows(row, act, counts):
+    for e in range(act.shape[0]):
+        if act[e] > 0:
+            counts[row[e]] += 1
+
+
+@njit(cache=True, nogil=True)
+def _place_loc(loc, act, seq0, seq_len, start, cursor, indices, values):
+    """Append each positive entry to its token row at ``cursor`` (advanced), latent = offset + start."""
+    for e in range(act.shape[0]):
+        a = act[e]
+        if a > 0:
+            r = (np.int64(loc[e, 0]) - seq0) * seq_len + np.int64(loc[e, 1])
+            d = cursor[r]
+            indices[d] = np.int32(loc[e, 2]) + np.int32(start)
+            values[d] = a
+            cursor[r] = d + 1
+
+
+@njit(cache=True, nogil=True)
+def _place_rows(row, col, act, start, cursor, indices, values):
+    for e in range(act.shape[0]):
+        a = act[e]
+        if a > 0:
+            r = row[e]
+            d = cursor[r]
+            indices[d] = col[e] + np.int32(start)
+            values[d] = a
+            cursor[r] = d + 1
+
+
+@njit(cache=True, nogil=True)
+def _scan_entries(loc, act, n_seq, seq_len, width, first):
+    """First entry (or −1) with its sequence, position or latent offset out of range, a non-finite
+    and a negative activation, in ``first[0:5]``; returns whether the keys (token row, latent)
+    strictly increase."""
+    his = (n_seq, seq_len, width)
+    prev = np.int64(-1)
+    ordered = True
+    for e in range(act.shape[0]):
+        for c in range(3):
+            x = np.int64(loc[e, c])
+            if (x < 0 or x >= his[c]) and first[c] < 0:
+                first[c] = e
+        a = act[e]
+        if not np.isfinite(a):
+            if first[3] < 0:
+                first[3] = e
+        elif a < 0 and first[4] < 0:
+            first[4] = e
+        key = (np.int64(loc[e, 0]) * seq_len + np.int64(loc[e, 1])) * width + np.int64(loc[e, 2])
+        ordered &= key > prev
+        prev = key
+    return ordered
+
+
+@njit(cache=True, nogil=True)
+def _seq_offsets(loc, n_seq):
+    """Where each sequence's entries start in a shard sorted by token row (``n_seq + 1`` offsets)."""
+    out = np.zeros(n_seq + 1, dtype=np.int64)
+    for e in range(loc.shape[0]):
+        out[np.int64(loc[e, 0]) + 1] += 1
+    for q in range(n_seq):
+        out[q + 1] += out[q]
+    return out
