@@ -8,11 +8,15 @@ updates per token, all slots used), ``N`` tokens, ``G`` tile groups and ``W`` wo
     core-seconds = N·U·t_pair(accumulator bytes of a group)      every pair update lands once
                  + G·N·k·t_slot                                   each group pass walks every slot
                  + N·k·t_read · (passes that miss the chunk cache)
+                 + B·t_zero                                       every accumulator byte first touched
+                 + B·(t_write_empty + f·(t_write_full − t_write_empty))        every tile written
     wall         = streaming: the groups' costs handed out in order to whichever of the
                    W × threads task slots is free first; otherwise core-seconds / (W × threads)
 
-with per-core rates measured on this machine by :func:`calibrate` (``distpen plan --calibrate``) or
-the defaults below (measured on the 2-core machine the project is developed on). ``t_pair`` grows
+where ``B`` is the accumulator bytes of all tiles and ``f = 1 − exp(−2·N·U / K²)`` the expected
+fraction of a tile's pairs that ever co-fire (an empty tile compresses to nothing, a full one is
+encoded at the full rate); with per-core rates measured on this machine by :func:`calibrate`
+(``distpen plan --calibrate``) or the defaults below (measured on the 2-core machine the project is developed on). ``t_pair`` grows
 with the accumulators a pass keeps: it is interpolated (log-log) between a cache-resident tile and
 a group of many tiles. Dense gates use the nonzero fraction ``density`` as ``k = density·K``.
 """
@@ -36,6 +40,9 @@ __all__ = ["CoactivationPlan", "plan_coactivation", "plan_atom_major", "calibrat
 #: and validating one top-k slot from Zarr (decode + sparse rows)
 DEFAULT_RATES = {"t_pair_small": 4.0e-9, "t_pair_large": 2.2e-8, "bytes_small": 16 * 2**20,
                  "bytes_large": 2**30, "t_slot": 2.0e-9, "t_read": 3.0e-8,
+                 # per accumulator byte: zeroing a fresh one (first touch), and encoding and writing a
+                 # tile with the store's codecs when every pair has co-fired / none has
+                 "t_zero": 2.0e-10, "t_write_full": 1.8e-9, "t_write_empty": 4.0e-10,
                  # atom-major decomposition (not implemented; for the forecast): writing the copy once and
                  # re-sorting a task's entries by token, per entry
                  "t_transpose": 6.0e-8, "t_sort": 4.0e-8}
@@ -179,9 +186,14 @@ def plan_coactivation(n_tokens: int, k_atoms: int, *, topk: int | None = None, d
     pair_s = N * U * _t_pair(rates, acc)
     slot_s = G * N * slots * rates["t_slot"]
     read_s = W * max(1.0, miss) * N * slots * rates["t_read"]
-    total = pair_s + slot_s + read_s
+    tile_b = float(_partial_bytes(T))
+    fill = -math.expm1(-N * U / max(1.0, K * K / 2.0))
+    per_tile = tile_b * (rates["t_zero"] + rates["t_write_empty"]
+                         + fill * (rates["t_write_full"] - rates["t_write_empty"]))
+    tile_s = len(tiles) * per_tile
+    total = pair_s + slot_s + read_s + tile_s
     if prm["streaming"]:  # one task per group, handed out in order to whichever slot is free first
-        costs = [n / max(1, sum(sizes)) * pair_s + (slot_s + read_s) / G for n in sizes]
+        costs = [n / max(1, sum(sizes)) * pair_s + (slot_s + read_s) / G + n * per_tile for n in sizes]
         free = [0.0] * (W * thr)  # one task per thread, each on a core of its own
         for c in costs:
             free[free.index(min(free))] += c
@@ -194,7 +206,7 @@ def plan_coactivation(n_tokens: int, k_atoms: int, *, topk: int | None = None, d
         tiles_per_group=sizes, streaming=prm["streaming"], accumulator_bytes_per_task=int(acc),
         bytes_read_per_worker=float(read_per_worker), pair_updates=float(N * U), predicted_s=float(wall),
         breakdown_s={"pair updates": pair_s / (W * thr), "group passes": slot_s / (W * thr),
-                     "reads": read_s / (W * thr)},
+                     "reads": read_s / (W * thr), "tile zeroing and writes": tile_s / (W * thr)},
         rates=rates)
 
 
@@ -202,7 +214,8 @@ def calibrate(*, rows: int = 40_000, k: int = 32, tile: int = 1024, large_tiles:
     """Measure the per-core rates of :data:`DEFAULT_RATES` on this machine (one thread, a few seconds).
 
     Scatters synthetic top-k rows into one tile and into ``large_tiles`` tiles with the job's own
-    kernel, and times building validated sparse rows from top-k arrays.
+    kernel, times building validated sparse rows from top-k arrays, first-touching a fresh
+    accumulator, and writing a full and an empty tile with the statistics store's codecs.
     """
     from threadpoolctl import threadpool_limits
 
@@ -247,7 +260,48 @@ def calibrate(*, rows: int = 40_000, k: int = 32, tile: int = 1024, large_tiles:
                 ker.scatter_group(csr, span, tile, 1, [(0, 0)], [0], part["sum"][:1], part["cnt"][:1], ws)
                 out["t_slot"] = max((time.perf_counter() - t0) / (rows * k), 1e-10)
             del part
+        out.update(_tile_rates(tile, rng))
     return out
+
+
+def _tile_rates(tile: int, rng) -> dict:
+    """Seconds per accumulator byte: first touch of a fresh one, and a tile written (``write_chunk``
+    into a local store laid out as the job's) with every pair co-fired / with none."""
+    import shutil
+    import tempfile
+
+    import zarr
+
+    from .._chunkio import write_chunk
+    from ._store import _stats_codecs
+
+    tile_b = _partial_bytes(tile)
+    n = max(1, (64 * 2**20) // tile_b) * tile_b // 8
+    t0 = time.perf_counter()
+    a = np.empty(n)
+    a[:] = 0.0
+    t_zero = (time.perf_counter() - t0) / (8 * n)
+    del a
+    root = tempfile.mkdtemp(prefix="distpen-calibrate-")
+    try:
+        g = zarr.open_group(root, mode="w")
+        arrs = {name: g.create_array(name, shape=(tile, 2 * tile), chunks=(tile, tile), dtype=dt, fill_value=0,
+                                     compressors=_stats_codecs(name))
+                for name, dt in (("pair_sum", "float64"), ("pair_count", "int64"))}
+        cnt = rng.poisson(8.0, (tile, tile)).astype(np.int64)
+        full = {"pair_sum": cnt * rng.uniform(0.1, 1.0, (tile, tile)), "pair_count": cnt}
+        sparse = {name: np.zeros_like(b) for name, b in full.items()}
+        sparse["pair_count"].ravel()[:: 997] = 1
+        sparse["pair_sum"].ravel()[:: 997] = 0.5
+        rates = {}
+        for key, blocks, col in (("t_write_full", full, 0), ("t_write_empty", sparse, 1)):
+            t0 = time.perf_counter()
+            for name, b in blocks.items():
+                write_chunk(arrs[name], (0, col), b)
+            rates[key] = (time.perf_counter() - t0) / tile_b
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"t_zero": t_zero, **rates}
 
 
 def plan_atom_major(n_tokens: int, k_atoms: int, *, topk: int, n_workers: int, memory_limit: int,

@@ -48,10 +48,21 @@ def test_atom_major_forecast_reads_less_on_a_large_cluster():
 
 def test_calibration_measures_every_rate():
     r = calibrate(rows=4000, tile=256, large_tiles=6)
-    for key in ("t_pair_small", "t_pair_large", "t_slot", "t_read"):
+    for key in ("t_pair_small", "t_pair_large", "t_slot", "t_read", "t_zero", "t_write_full", "t_write_empty"):
         assert 1e-11 < r[key] < 1e-5, (key, r[key])
     plan = dp.plan_coactivation(10**6, 4096, topk=16, rates=r)
     assert plan.rates["t_read"] == r["t_read"] and plan.rates["t_transpose"] == DEFAULT_RATES["t_transpose"]
+    assert r["t_write_empty"] < r["t_write_full"]     # an almost empty tile encodes to almost nothing
+
+
+def test_tile_costs_grow_with_fill_and_tiles():
+    """Writing and zeroing cost every tile's bytes; a tile's write cost grows as its pairs fill."""
+    sparse = dp.plan_coactivation(10**4, 32768, topk=4, n_workers=2, memory_limit=12 * 2**30)
+    dense = dp.plan_coactivation(10**8, 32768, topk=32, n_workers=2, memory_limit=12 * 2**30)
+    per_byte = [p.breakdown_s["tile zeroing and writes"] * 2 / (p.n_tiles * 16 * p.tile**2) for p in (sparse, dense)]
+    r = DEFAULT_RATES
+    assert per_byte[0] == pytest.approx(r["t_zero"] + r["t_write_empty"], rel=0.01)
+    assert per_byte[1] == pytest.approx(r["t_zero"] + r["t_write_full"], rel=0.01)
 
 
 @pytest.mark.parametrize("kwargs, match", [
