@@ -16,9 +16,10 @@ updates per token, all slots used), ``N`` tokens, ``G`` tile groups and ``W`` wo
 where ``B`` is the accumulator bytes of all tiles and ``f = 1 − exp(−2·N·U / K²)`` the expected
 fraction of a tile's pairs that ever co-fire (an empty tile compresses to nothing, a full one is
 encoded at the full rate); with per-core rates measured on this machine by :func:`calibrate`
-(``distpen plan --calibrate``) or the defaults below (measured on the 2-core machine the project is developed on). ``t_pair`` grows
-with the accumulators a pass keeps: it is interpolated (log-log) between a cache-resident tile and
-a group of many tiles. Dense gates use the nonzero fraction ``density`` as ``k = density·K``.
+(``distpen plan --calibrate``) or the defaults below (measured on the 2-core machine the project
+is developed on). ``t_pair`` grows with the accumulators a pass keeps: it is interpolated
+(log-log) between a cache-resident tile and a group of many tiles. Dense gates use the nonzero
+fraction ``density`` as ``k = density·K``.
 """
 
 from __future__ import annotations

@@ -320,7 +320,6 @@ class DelphiLatents:
                     f"(location {loc[e].astype(np.int64).tolist()}; the cache has {self.n_sequences} "
                     f"sequences of {self.seq_len} tokens and this shard {width} latents)"
                 )
-        seq = loc[:, 0].astype(np.int64) if not is_sorted else None
         if first[3] >= 0:
             e = int(first[3])
             raise GateDataError(
@@ -337,7 +336,7 @@ class DelphiLatents:
         if is_sorted:
             data = {"seq_offsets": _seq_offsets(loc, self.n_sequences), "sorted": np.array([1], dtype=np.int64)}
         else:
-            data = self._sorted_index(s, loc, act, seq, width)
+            data = self._sorted_index(s, loc, act, width)
         from safetensors.numpy import save_file
 
         os.makedirs(os.path.dirname(ipath), exist_ok=True)
@@ -346,10 +345,10 @@ class DelphiLatents:
         os.replace(tmp, ipath)  # atomic: a concurrent reader sees the whole index or none
         return ipath
 
-    def _sorted_index(self, s, loc, act, seq, width):
+    def _sorted_index(self, s, loc, act, width):
         """The index of a shard whose entries are not in (token row, latent) order: the entries
         sorted, as positions, latent offsets and values (a repeated (token, latent) refused)."""
-        pos, off = loc[:, 1].astype(np.int64), loc[:, 2].astype(np.int64)
+        seq, pos, off = (loc[:, c].astype(np.int64) for c in range(3))
         key = (seq * self.seq_len + pos) * width + off
         order = np.argsort(key, kind="stable")
         key = key[order]
@@ -377,9 +376,9 @@ class DelphiLatents:
 
     # ------------------------------------------------------------------ reading
     def _shard_slice(self, i, seq0, seq1):
-        """Shard ``i``'s entries for sequences ``seq0 … seq1``, in (token row, latent) order: either
-        ``("loc", locations [n, 3] as stored, activations float32)`` (a sorted shard, read in place)
-        or ``("rows", row int64, latent offset int32, activations float32)`` (from the index)."""
+        """Shard ``i``'s entries for sequences ``seq0 … seq1`` in (token row, latent) order, as
+        ``(locations [n, 3], activations float32)``, or None: a sorted shard's locations as stored,
+        an unsorted one's (sequence, position, latent offset) rebuilt from its index."""
         s = self._shards[i]
         ipath = self.index_shard(i)
         itens, _ = st.read_header(ipath)
@@ -391,12 +390,11 @@ class DelphiLatents:
         if is_sorted:
             loc = np.ascontiguousarray(st.read_rows(s.loc, o0, o1, self.storage_options))
             act = st.widen_to_float32(st.read_rows(s.act, o0, o1, self.storage_options), s.act.dtype)
-            return ("loc", loc, act)
-        pos = st.read_rows(itens["pos"], o0, o1).astype(np.int64)
-        col = np.ascontiguousarray(st.read_rows(itens["col"], o0, o1), dtype=np.int32)
-        act = np.ascontiguousarray(st.read_rows(itens["val"], o0, o1), dtype=np.float32)
+            return loc, act
         seq_of = np.repeat(np.arange(seq0, seq1, dtype=np.int64), np.diff(offs))
-        return ("rows", (seq_of - seq0) * self.seq_len + pos, col, act)
+        loc = np.column_stack([seq_of, st.read_rows(itens["pos"], o0, o1), st.read_rows(itens["col"], o0, o1)])
+        return loc.astype(np.int64, copy=False), np.ascontiguousarray(st.read_rows(itens["val"], o0, o1),
+                                                                      dtype=np.float32)
 
     def read_csr(self, seq0: int, seq1: int):
         """Gates of token rows ``seq0·seq_len … seq1·seq_len`` as CSR.
@@ -422,38 +420,25 @@ class DelphiLatents:
         # a counting sort by token row: shards ascend in latent and each slice is (row, latent)
         # sorted, so placing the slices in shard order leaves the latents of a row increasing
         counts = np.zeros(n_rows, dtype=np.int64)
-        for start, p in parts:
-            if p[0] == "loc":
-                _count_loc(p[1], p[2], seq0, self.seq_len, counts)
-            else:
-                _count_rows(p[1], p[3], counts)
+        for _, (loc, act) in parts:
+            _count_loc(loc, act, seq0, self.seq_len, counts)
         indptr = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         cursor = indptr[:-1].copy()
         indices = np.empty(int(indptr[-1]), dtype=np.int32)
         values = np.empty(int(indptr[-1]), dtype=np.float32)
-        for start, p in parts:
-            if p[0] == "loc":
-                _place_loc(p[1], p[2], seq0, self.seq_len, start, cursor, indices, values)
-            else:
-                _place_rows(p[1], p[2], p[3], start, cursor, indices, values)
+        for start, (loc, act) in parts:
+            _place_loc(loc, act, seq0, self.seq_len, start, cursor, indices, values)
         return indptr, indices, values
 
 
 @njit(cache=True, nogil=True)
 def _count_loc(loc, act, seq0, seq_len, counts):
     """Entries with a positive activation per token row (``loc`` rows: sequence, position, latent
-    offset, as the cache stores them)."""
+    offset)."""
     for e in range(act.shape[0]):
         if act[e] > 0:
             counts[(np.int64(loc[e, 0]) - seq0) * seq_len + np.int64(loc[e, 1])] += 1
-
-
-@njit(cache=True, nogil=True)
-def _count_rows(row, act, counts):
-    for e in range(act.shape[0]):
-        if act[e] > 0:
-            counts[row[e]] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -465,18 +450,6 @@ def _place_loc(loc, act, seq0, seq_len, start, cursor, indices, values):
             r = (np.int64(loc[e, 0]) - seq0) * seq_len + np.int64(loc[e, 1])
             d = cursor[r]
             indices[d] = np.int32(loc[e, 2]) + np.int32(start)
-            values[d] = a
-            cursor[r] = d + 1
-
-
-@njit(cache=True, nogil=True)
-def _place_rows(row, col, act, start, cursor, indices, values):
-    for e in range(act.shape[0]):
-        a = act[e]
-        if a > 0:
-            r = row[e]
-            d = cursor[r]
-            indices[d] = col[e] + np.int32(start)
             values[d] = a
             cursor[r] = d + 1
 
