@@ -6,8 +6,10 @@ Modules, in the order data flows through them:
     tiles, tile groups, row chunks and their default sizes;
 :mod:`._kernels`
     per-chunk numba kernels (validation, sparse rows, scatter and BLAS routes), pure functions of arrays;
+:mod:`.atom_major`
+    the atom-major copy of top-k or CSR gates (by atom block) and the square tasks over it;
 :mod:`._tasks`
-    the worker tasks (leaves, combine, the tile writer, the chunk cache);
+    the worker tasks (leaves, the atom-major copy, combine, the tile writer, the chunk cache);
 :mod:`._store`
     the statistics store's arrays and its creation or reopening;
 :mod:`.job`
@@ -17,7 +19,8 @@ Modules, in the order data flows through them:
 :mod:`.merge`
     :func:`merge_stats`;
 :mod:`.forecast`
-    :func:`plan_coactivation`, what a job will do on a given cluster and how long it takes;
+    :func:`plan_coactivation` and :func:`~.forecast.plan_atom_major`, what a job will do on a
+    given cluster and how long it takes;
 :mod:`.windows`
     :class:`WindowedGates`, gates of windows of consecutive tokens (``coactivation_stats(window=W)``);
 :mod:`.neighbours`, :mod:`.clusters`

@@ -25,6 +25,7 @@ import numpy as np
 from .._alloc import POOL
 from .._chunkio import read_rows, write_chunk
 from . import _kernels as ker
+from . import atom_major as am
 from .plan import _unit
 
 
@@ -142,7 +143,9 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
                         ker.blas_tile(conv[i][0], conv[i][1], conv[j][0], conv[j][1], part["sum"][s], part["cnt"][s])
                 del x, conv, bits
             else:
-                if plan["form"] == "topk":
+                if "copy" in plan:  # the chunk's atom-major copy: only the task's blocks are read
+                    csr = am.read_chunk(data, r1 - r0, plan["copy"]["ranges"], ws)
+                elif plan["form"] == "topk":
                     csr = _topk_chunk(plan, data, base, r0, r1, lo, hi, ws)
                 else:
                     csr = _sparse_chunk(plan, data, r0, r1, lo, hi, ws)
@@ -334,6 +337,31 @@ def _leaf_and_finalize(plan: dict, chunks: list, out: str, job, fail_units=()) -
     finally:
         POOL.give(buf)
         _WORKSPACES.append(ws)
+
+
+def _copy_chunk(plan: dict, n_blocks: int, chunk: tuple, path: str) -> dict:
+    """Write the atom-major copy of one row chunk (see :mod:`.atom_major`) unless it exists.
+
+    The chunk is read whole, validated and thresholded as a row-major task reads it, so the copy
+    holds exactly the entries every tile of the job sees.
+    """
+    from threadpoolctl import threadpool_limits
+
+    r0, r1, data, base = chunk
+    if os.path.exists(path):  # an earlier run (or a retried task) wrote it
+        return {"rows": r1 - r0, "entries": None}
+    K = plan["k_atoms"]
+    ws = _WORKSPACES.pop() if _WORKSPACES else ker.ScatterWorkspace()
+    try:
+        with threadpool_limits(limits=1):
+            if plan["form"] == "topk":
+                csr = _topk_chunk(plan, data, base, r0, r1, 0, K, ws)
+            else:
+                csr = _sparse_chunk(plan, data, r0, r1, 0, K, ws)
+            n = am.write_copy(path, csr, plan["tile"], n_blocks, ws)
+    finally:
+        _WORKSPACES.append(ws)
+    return {"rows": r1 - r0, "entries": n}
 
 
 def _release_worker_buffers(client) -> None:

@@ -25,6 +25,7 @@ fraction ``density`` as ``k = density·K``.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -46,9 +47,10 @@ DEFAULT_RATES = {"t_pair_small": 4.0e-9, "t_pair_large": 2.2e-8, "bytes_small": 
                  # per accumulator byte: zeroing a fresh one (first touch), and encoding and writing a
                  # tile with the store's codecs when every pair has co-fired / none has
                  "t_zero": 2.0e-10, "t_write_full": 1.8e-9, "t_write_empty": 4.0e-10,
-                 # atom-major decomposition (not implemented; for the forecast): writing the copy once and
-                 # re-sorting a task's entries by token, per entry
-                 "t_transpose": 6.0e-8, "t_sort": 4.0e-8}
+                 # atom-major decomposition, per entry: sorting a chunk's entries by block and writing
+                 # them (the copy), and reading a task's blocks back and rebuilding their rows
+                 # (measured by ``calibrate`` on 2026-12-04: 1.3e-8 and 6.9-7.2e-9)
+                 "t_transpose": 1.3e-8, "t_sort": 7.2e-9}
 
 
 class _Stand:
@@ -189,18 +191,12 @@ def plan_coactivation(n_tokens: int, k_atoms: int, *, topk: int | None = None, d
     pair_s = N * U * _t_pair(rates, acc)
     slot_s = G * N * slots * rates["t_slot"]
     read_s = W * max(1.0, miss) * N * slots * rates["t_read"]
-    tile_b = float(_partial_bytes(T))
-    fill = -math.expm1(-N * U / max(1.0, K * K / 2.0))
-    per_tile = tile_b * (rates["t_zero"] + rates["t_write_empty"]
-                         + fill * (rates["t_write_full"] - rates["t_write_empty"]))
+    per_tile = _per_tile_s(rates, T, N * U, K)
     tile_s = len(tiles) * per_tile
     total = pair_s + slot_s + read_s + tile_s
     if prm["streaming"]:  # one task per group, handed out in order to whichever slot is free first
         costs = [n / max(1, sum(sizes)) * pair_s + (slot_s + read_s) / G + n * per_tile for n in sizes]
-        free = [0.0] * (W * thr)  # one task per thread, each on a core of its own
-        for c in costs:
-            free[free.index(min(free))] += c
-        wall = max(free)
+        wall = _schedule(costs, W * thr)
     else:  # a group's leaves spread over every worker
         wall = total / (W * thr)
     return CoactivationPlan(
@@ -211,6 +207,21 @@ def plan_coactivation(n_tokens: int, k_atoms: int, *, topk: int | None = None, d
         breakdown_s={"pair updates": pair_s / (W * thr), "group passes": slot_s / (W * thr),
                      "reads": read_s / (W * thr), "tile zeroing and writes": tile_s / (W * thr)},
         rates=rates)
+
+
+def _per_tile_s(rates: dict, tile: int, pair_updates: float, k_atoms: int) -> float:
+    """Seconds to zero, encode and write one tile: ``f = 1 − exp(−2·N·U / K²)`` of its pairs co-fire."""
+    fill = -math.expm1(-pair_updates / max(1.0, k_atoms * k_atoms / 2.0))
+    return float(_partial_bytes(tile)) * (rates["t_zero"] + rates["t_write_empty"]
+                                          + fill * (rates["t_write_full"] - rates["t_write_empty"]))
+
+
+def _schedule(costs, slots: int) -> float:
+    """Wall time of tasks handed out in order to whichever of ``slots`` (one a core) is free first."""
+    free = [0.0] * max(1, slots)
+    for c in costs:
+        free[free.index(min(free))] += c
+    return max(free)
 
 
 #: block rows and columns of the span of :func:`calibrate`'s large group (the job's at K = 32 768)
@@ -284,9 +295,39 @@ def calibrate(*, rows: int = 40_000, k: int = 32, tile: int = 1024, large_tiles:
                     t0 = time.perf_counter()
                     ker.scatter_group(csr, span, tile, 1, [(0, 0)], [0], part["sum"][:1], part["cnt"][:1], ws)
                 out["t_slot"] = max((time.perf_counter() - t0) / (rows * k), 1e-10)  # the timed call's
+            else:  # the atom-major copy of these rows, then a task's read of 8 of its 32 blocks
+                out.update(_copy_rates(csr, tile, n_side, ws))
             del part
         out.update(_tile_rates(tile, rng))
     return out
+
+
+def _copy_rates(csr, tile: int, n_blocks: int, ws) -> dict:
+    """Seconds per entry: sorting sparse rows by block and writing them as a copy file
+    (``t_transpose``), and reading a task's blocks back and rebuilding their rows (``t_sort``);
+    the file is read from the page cache, as a worker reads what it wrote."""
+    import shutil
+    import tempfile
+
+    from . import atom_major as am
+
+    root = tempfile.mkdtemp(prefix="distpen-calibrate-")
+    try:
+        path = am.copy_path(root, 0, len(csr[0]) - 1)
+        n_rows = len(csr[0]) - 1
+        ranges = [(0, n_blocks // 8), (n_blocks // 2, n_blocks // 2 + n_blocks // 8)]
+        am.write_copy(path, csr, tile, n_blocks, ws)  # untimed: compiles where numba's cache is empty
+        am.read_chunk(path, n_rows, ranges, ws)
+        os.remove(path)
+        t0 = time.perf_counter()
+        entries = am.write_copy(path, csr, tile, n_blocks, ws)
+        t_transpose = (time.perf_counter() - t0) / max(1, entries)
+        t0 = time.perf_counter()
+        got = am.read_chunk(path, n_rows, ranges, ws)
+        t_sort = (time.perf_counter() - t0) / max(1, int(got[0][-1]))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"t_transpose": t_transpose, "t_sort": t_sort}
 
 
 def _tile_rates(tile: int, rng) -> dict:
@@ -330,34 +371,52 @@ def _tile_rates(tile: int, rng) -> dict:
 
 
 def plan_atom_major(n_tokens: int, k_atoms: int, *, topk: int, n_workers: int, memory_limit: int,
-                    threads_per_worker: int = 1, tile: int = 1024, rates: dict | None = None) -> dict:
-    """Forecast the 2-D decomposition over an atom-major copy of top-k gates (not implemented).
+                    threads_per_worker: int = 1, tile: int = 1024, row_chunk: int | None = None,
+                    rates: dict | None = None) -> dict:
+    """Forecast the 2-D decomposition over an atom-major copy of top-k gates (``decomposition="atoms"``).
 
-    The copy (for each latent, its tokens and values: 8 bytes an entry) is written once. A task owns
-    a square of ``s × s`` atom blocks whose accumulators fit its memory budget, reads only the
-    entries of the latents in its two block ranges, re-sorts them by token and scatters their pair
-    products, so no worker reads the corpus once per group. Returns the forecast as a dict, with
-    the row-major plan's prediction beside it for comparison.
+    The copy (:mod:`.atom_major`: each chunk's entries by atom block, 12 bytes an entry for
+    float32 gates) is written once: every slot read (``t_read``) and sorted by block and written
+    (``t_transpose``). A task owns a square of ``side × side`` atom blocks whose accumulators fit
+    its memory budget (:func:`.atom_major.default_side`), reads only the entries of the latents in
+    its one or two block ranges and rebuilds their rows (``t_sort`` an entry read), and scatters
+    their pair products at the rate of its accumulators' size, so no worker reads the corpus once
+    per group. Returns the forecast as a dict, with the row-major plan's prediction beside it.
     """
+    from .atom_major import default_side, square_groups
+
     rates = {**DEFAULT_RATES, **(rates or {})}
     row = plan_coactivation(n_tokens, k_atoms, topk=topk, n_workers=n_workers, memory_limit=memory_limit,
-                            threads_per_worker=threads_per_worker, tile=tile, rates=rates)
+                            threads_per_worker=threads_per_worker, tile=tile, row_chunk=row_chunk, rates=rates)
     N, K, k, W, thr = row.n_tokens, row.k_atoms, float(topk), row.n_workers, row.threads_per_worker
     T = row.tile
     nb = math.ceil(K / T)
-    budget_tiles = max(1, int(memory_limit / 2 / 3 // _partial_bytes(T)))  # a task's share, as the job's
-    s = max(1, min(nb, math.isqrt(budget_tiles)))
-    m = math.ceil(nb / s)
-    n_tasks = m * (m + 1) // 2
+    s = default_side(memory_limit, T, nb)
+    squares = square_groups(_tiles(nb), nb, s)
+    n_tasks = len(squares)
     entries = N * k
-    # an off-diagonal task reads two block ranges, a diagonal one one range
-    read_entries = (m * (m - 1) // 2) * (2 * s / nb) * entries + m * (s / nb) * entries
     U = k * (k + 1) / 2.0
-    core_s = (entries * rates["t_transpose"] + read_entries * (rates["t_read"] + rates["t_sort"])
-              + N * U * _t_pair(rates, s * s * _partial_bytes(T)))
-    wall = core_s / (W * thr)
-    return {"tile": T, "blocks_per_side": s, "n_tasks": n_tasks, "accumulator_bytes_per_task": s * s * _partial_bytes(T),
-            "copy_bytes": entries * 8.0, "bytes_read_per_worker": read_entries * 8.0 / W,
-            "predicted_s": wall, "row_major_predicted_s": row.predicted_s,
+    acc = max(len(t) for t, _ in squares) * _partial_bytes(T)
+    t_pair = _t_pair(rates, acc)
+    per_tile = _per_tile_s(rates, T, N * U, K)
+    n_tiles = nb * (nb + 1) // 2
+    # every entry is read once and written by block; a task reads its blocks' share of them, rebuilds
+    # their rows and scatters its tiles' share of the pair updates (top-k atoms spread evenly)
+    copy_s = entries * (rates["t_read"] + rates["t_transpose"])
+    costs, read_entries = [], 0.0
+    for tiles, ranges in squares:
+        e = entries * sum(b1 - b0 for b0, b1 in ranges) / nb
+        read_entries += e
+        costs.append(e * (rates["t_sort"] + rates["t_slot"]) + N * U * len(tiles) / n_tiles * t_pair
+                     + len(tiles) * per_tile)
+    wall = copy_s / (W * thr) + _schedule(costs, W * thr)
+    read_s = read_entries * (rates["t_sort"] + rates["t_slot"])
+    pair_s, tile_s = N * U * t_pair, n_tiles * per_tile
+    return {"tile": T, "blocks_per_side": s, "n_tasks": n_tasks, "accumulator_bytes_per_task": acc,
+            "copy_bytes": entries * 12.0, "bytes_read_per_worker": read_entries * 12.0 / W,
+            "predicted_s": wall, "breakdown_s": {"copy": copy_s / (W * thr), "task reads": read_s / (W * thr),
+                                                 "pair updates": pair_s / (W * thr),
+                                                 "tile zeroing and writes": tile_s / (W * thr)},
+            "row_major_predicted_s": row.predicted_s,
             "row_major_bytes_read_per_worker": row.bytes_read_per_worker,
             "speedup": row.predicted_s / wall if wall > 0 else math.inf}

@@ -27,7 +27,8 @@ from ..sources.gates import as_gates
 from ..store import RunStore, local_store_path
 from . import _kernels as ker
 from ._store import _RESUME_HINT, _json_roundtrip, _prepare_store
-from ._tasks import _combine, _finalize, _leaf, _leaf_and_finalize, _release_worker_buffers
+from . import atom_major as am
+from ._tasks import _combine, _copy_chunk, _finalize, _leaf, _leaf_and_finalize, _release_worker_buffers
 from .plan import (_check_split_every, check_fire_threshold, choose_parameters, default_row_chunk, _FORMAT_VERSION,
                    _group_tiles, _MIN_STREAM_GROUPS, _parse_unit, _sample_density, _sources, _SPARSE_DENSITY, STAGE,
                    _tiles, _unit)
@@ -41,8 +42,8 @@ __all__ = ["coactivation_stats"]
 
 
 def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=None, fire_threshold=0.0,
-                       window=None, seq_len=None, overwrite=False, progress=None, client=None, _units=None,
-                       _fail_units=(), _progress_every=PROGRESS_EVERY):
+                       window=None, seq_len=None, decomposition=None, overwrite=False, progress=None, client=None,
+                       _units=None, _fail_units=(), _progress_every=PROGRESS_EVERY, _side=None):
     """Compute the co-activation sufficient statistics of ``gates`` into the Zarr run store ``out``.
 
     Parameters
@@ -82,6 +83,16 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     seq_len : int, optional
         Tokens per sequence, for ``window``: default the source's own (a delphi cache's context
         length, a SAELens activation cache's ``context_size``); required for other gates.
+    decomposition : {"rows", "atoms"}, optional
+        How tiles are shared out (see :mod:`~distpen.coactivation.atom_major`). ``"rows"``: tile
+        groups, each of which reads every row chunk. ``"atoms"`` (top-k and CSR gates): the gates
+        are first copied once, by atom block, into the job's scratch directory, then each task owns
+        a square of tiles and reads only its blocks' entries, so the corpus is not read once per
+        group; the sums are bit-identical to a streaming ``"rows"`` job's (it streams: one task
+        reads every row chunk, so ``split_every`` below the number of row chunks is refused).
+        Default: ``"atoms"`` when the forecast (:func:`~distpen.coactivation.forecast.plan_atom_major`,
+        default rates) says it is more than twice as fast, else ``"rows"``. Not part of the job's
+        identity: a job interrupted under one resumes under the other.
     overwrite : bool
         Replace whatever ``out`` holds. Without it, a store holding the same job is resumed (only
         missing tiles are computed) and a different job is refused.
@@ -128,6 +139,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         tile = check_positive_int(tile, "tile")
     se_given = split_every is not None
     se = _check_split_every(split_every)
+    if decomposition not in (None, "rows", "atoms"):
+        raise InvalidArgumentError(f"decomposition must be 'rows', 'atoms' or None, got {decomposition!r}")
     threshold, threshold_spec = check_fire_threshold(fire_threshold, g.k_atoms)
     if window is not None:  # rows become windows; the threshold is applied per token, by them
         g = WindowedGates(g, window, seq_len, threshold=ker.threshold_args(threshold))
@@ -161,6 +174,13 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         rc0 = min(row_chunk, N) if row_chunk is not None else default_row_chunk(mem, g, se)
         sparse = g.form != "dense" or _sample_density(g, rc0) <= _SPARSE_DENSITY
     prm = choose_parameters(mem, g, row_chunk, tile, se if se_given else None, sparse)
+    atoms = _choose_decomposition(decomposition, g, prm, mem, client)
+    if atoms and not prm["streaming"]:
+        if se_given:
+            raise InvalidArgumentError(
+                f"decomposition='atoms' streams every row chunk through each task, so split_every must "
+                f"be at least the number of row chunks ({prm['n_chunks']}), got {se}")
+        prm = choose_parameters(mem, g, prm["row_chunk"], tile, max(2, prm["n_chunks"]), sparse)
     rc, se, fan, T, nb = prm["row_chunk"], prm["split_every"], prm["fan_in"], prm["tile"], prm["n_blocks"]
     all_tiles = _tiles(nb)
     units = [_unit(i, j) for i, j in all_tiles]
@@ -182,14 +202,18 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         pending = [t for t in pending if t in wanted]
     streaming = prm["streaming"]
     # streaming: one task per group, so as many groups as keep every worker busy to the end
-    groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1,
-                          n_workers(client) if streaming else 1)
+    if atoms:  # squares of tiles over an atom-major copy (largest first)
+        squares = am.square_groups(pending, nb, _side or am.default_side(mem, T, nb))
+        groups, group_ranges = [t for t, _ in squares], [r for _, r in squares]
+    else:
+        groups = _group_tiles(pending, T, mem, fan, _MIN_STREAM_GROUPS if streaming else 1,
+                              n_workers(client) if streaming else 1)
     # pair products bucketed per scatter pass (12 bytes each): at most 1/10 of a worker's memory
     scatter_pairs = int(max(1 << 16, min(ker.SCATTER_BUFFER_PAIRS, mem // (10 * 12))))
     # when every group reads every chunk, workers keep the sparse rows they read, within 1/8 of memory
     # (CSR-form sources always: their rows cost a read, a decode or an encode each time)
     reread_costly = g.form == "sparse" or window is not None  # a read, a decode, an encode or a reduction
-    cache_key = job.fingerprint if len(groups) > 1 and (streaming or reread_costly) else None
+    cache_key = job.fingerprint if len(groups) > 1 and (streaming or reread_costly) and not atoms else None
     cache_bytes = int(mem // 8)
     scattered = None
     if hasattr(g, "job_source") and groups:
@@ -204,7 +228,7 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     n_run = len(pending)
     skipped = len(units) - len(job.pending())
     t_start = time.time()
-    state = {"work": 0, "units_done": skipped, "computed": 0, "routes": [0, 0]}
+    state = {"work": 0, "units_done": skipped, "computed": 0, "routes": [0, 0], "t0": t_start}
     # rows done by tasks still running (their worker events), times their group's tile count
     running: dict[str, int] = {}
     ended: set[str] = set()
@@ -221,13 +245,22 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         state["last"] = now
         elapsed = max(now - t_start, 1e-9)
         rows_processed = min(N, (state["work"] + sum(running.values())) / n_run) if n_run else 0
+        phase = {}
+        if atoms:  # two phases, each with its own rows and rate: the copy, then the square tasks
+            copying = "copied" in state
+            phase = {"phase": "atom-major copy" if copying else "tiles", "phase_done": None, "phase_total": None}
+            if copying:
+                rows_processed = min(N, state["copied"] + sum(running.values()))
+                phase.update(phase_done=int(rows_processed), phase_total=N)
+        rate = rows_processed / max(now - state["t0"], 1e-9)
         info = job.update_progress(
             units_done=state["units_done"], units_total=len(units), units_skipped=skipped,
             units_computed=state["computed"], units_in_run=n_run, rows_processed=int(rows_processed),
             rows_total=N if n_run else 0, elapsed_s=round(elapsed, 3),
-            throughput_rows_per_s=round(rows_processed / elapsed, 1),
+            throughput_rows_per_s=round(rate, 1),
             routes={"scatter": state["routes"][0], "blas": state["routes"][1]},
             row_chunk=rc, tile=T, split_every=se, n_groups=len(groups), n_leaves_per_group=n_leaves,
+            decomposition="atoms" if atoms else "rows", **phase,
         )
         if progress is not None:
             progress(info)
@@ -250,10 +283,13 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
                 "diag_blocks": diag, "form": g.form, "scatter_pairs": scatter_pairs, "threshold": threshold,
                 "cache_key": cache_key, "cache_bytes": cache_bytes,
                 "cnt_dtype": np.dtype(ker.count_dtype(N)).name, "progress": (topic, float(_progress_every))}
-        tok = tokenize(fp, tiles, rc, se)
+        if atoms:
+            plan["copy"] = {"ranges": group_ranges[gi]}
+        tok = tokenize(fp, tiles, rc, se, atoms)
         if n_leaves == 1:  # one task streams every row chunk and writes the tiles itself
             final = dask.delayed(_leaf_and_finalize, pure=True)(
-                plan, chunks, out, job, tuple(_fail_units), dask_key_name=f"distpen-coact-stream-{tok}")
+                plan, copy_chunks if atoms else chunks, out, job, tuple(_fail_units),
+                dask_key_name=f"distpen-coact-stream-{tok}")
             return final, []
         leaves = []
         for b in range(n_leaves):
@@ -304,6 +340,10 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     ticker = threading.Thread(target=tick, name="distpen-coact-progress", daemon=True)
     ticker.start()
     try:
+        if atoms:
+            copy_chunks = _copy_round(client, chunks, out, fp, {"tile": T, "k_atoms": K, "form": g.form,
+                                                                "threshold": threshold, "cache_key": None},
+                                      nb, state, lock, report)
         while next_group < len(groups) and next_group < in_flight_max:
             submit(next_group)
             next_group += 1
@@ -355,6 +395,73 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         shutil.rmtree(scratch_dir(out), ignore_errors=True)
     report(force=True)
     return CoactivationStats(out, allow_incomplete=_units is not None)
+
+
+def _choose_decomposition(decomposition, g, prm, mem, client) -> bool:
+    """Whether the job runs the atom-major decomposition (see ``coactivation_stats``)."""
+    if decomposition == "rows":
+        return False
+    if decomposition == "atoms":
+        if g.form not in ("topk", "sparse"):
+            raise InvalidArgumentError(f"decomposition='atoms' needs top-k or CSR gates, got {g.form} gates")
+        return True
+    if g.form != "topk" or not prm["streaming"] or prm["n_blocks"] < 2:
+        return False
+    from ..cluster import n_workers
+    from .forecast import plan_atom_major
+
+    fc = plan_atom_major(g.n_tokens, g.k_atoms, topk=int(g.row_width()), n_workers=max(1, n_workers(client)),
+                         memory_limit=int(mem), tile=prm["tile"], row_chunk=prm["row_chunk"])
+    return fc["speedup"] > 2.0
+
+
+def _copy_round(client, chunks, out, fp, plan, n_blocks, state, lock, report):
+    """Write the atom-major copy of every row chunk that has none yet (one task each, at most a few
+    per worker in flight); returns the square tasks' chunks ``(r0, r1, copy file, 0)``."""
+    from distributed import as_completed
+
+    directory = am.copy_dir(scratch_dir(out), fp)
+    os.makedirs(directory, exist_ok=True)
+    copies = [(r0, r1, am.copy_path(directory, r0, r1), 0) for r0, r1, _, _ in chunks]
+    todo = [(c, p) for c, p in zip(chunks, copies) if not os.path.exists(p[2])]
+    with lock:
+        state["copied"] = sum(p[1] - p[0] for c, p in zip(chunks, copies) if os.path.exists(p[2]))
+    report(force=True)
+    import dask
+
+    from ..cluster import n_workers
+
+    nxt, in_flight = 0, max(2, 2 * n_workers(client))
+    ac = as_completed(with_results=False, loop=client.loop)
+
+    def submit(i):
+        chunk, copy = todo[i]
+        task = dask.delayed(_copy_chunk, pure=True)(plan, n_blocks, chunk, copy[2],
+                                                    dask_key_name=f"distpen-coact-copy-{fp[:16]}-{chunk[0]}")
+        ac.add(client.compute(task, optimize_graph=False, priority=-i))
+
+    try:
+        while nxt < len(todo) and nxt < in_flight:
+            submit(nxt)
+            nxt += 1
+        for fut in ac:
+            res = fut.result()  # raises the task's exception
+            fut.release()
+            with lock:
+                state["copied"] += res["rows"]
+            report()
+            if nxt < len(todo):
+                submit(nxt)
+                nxt += 1
+    except BaseException:
+        for f in list(ac.futures):
+            f.cancel()
+        raise
+    report(force=True)  # the copy phase's last report says every row is copied
+    with lock:
+        del state["copied"]
+        state["t0"] = time.time()  # the square tasks' rate is measured from here
+    return copies
 
 
 def scratch_dir(out: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 import distpen as dp
@@ -48,10 +47,12 @@ def test_atom_major_forecast_reads_less_on_a_large_cluster():
 
 def test_calibration_measures_every_rate():
     r = calibrate(rows=4000, tile=256, large_tiles=6)
-    for key in ("t_pair_small", "t_pair_large", "t_slot", "t_read", "t_zero", "t_write_full", "t_write_empty"):
+    assert set(r) >= {k for k in DEFAULT_RATES if k.startswith("t_")}   # every rate is measured
+    for key in ("t_pair_small", "t_pair_large", "t_slot", "t_read", "t_zero", "t_write_full", "t_write_empty",
+                "t_transpose", "t_sort"):
         assert 1e-11 < r[key] < 1e-5, (key, r[key])
     plan = dp.plan_coactivation(10**6, 4096, topk=16, rates=r)
-    assert plan.rates["t_read"] == r["t_read"] and plan.rates["t_transpose"] == DEFAULT_RATES["t_transpose"]
+    assert all(plan.rates[k] == v for k, v in r.items())
     assert r["t_write_empty"] < r["t_write_full"]     # an almost empty tile encodes to almost nothing
     # walking a slot outside the span costs far less than reading and validating it (with numba's
     # cache empty, a timed first call of the bucket kernel made t_slot include its compilation)

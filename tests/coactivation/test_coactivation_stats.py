@@ -493,10 +493,11 @@ def test_streaming_sparse_dense_gates_use_the_chunk_cache_and_match_topk_bits(cl
         assert np.array_equal(getattr(dense, name), getattr(topk, name)), name
 
 
-def test_streaming_topk_within_worker_memory_limit(tmp_path):
+@pytest.mark.parametrize("decomposition", ["rows", "atoms"])
+def test_streaming_topk_within_worker_memory_limit(tmp_path, decomposition):
     """Workers of 500 MiB stream top-k gates (2 GB as dense float32) into a 1 GB statistics array:
-    the default plan streams (8 tile groups), each task stays under the limit, and the result
-    equals scipy.sparse."""
+    the plan streams (row-major: 8 tile groups; atom-major: a copy task per row chunk, then squares
+    of tiles), each task stays under the limit, and the result equals scipy.sparse."""
     import scipy.sparse as sp
     from distributed import Client, LocalCluster
 
@@ -509,12 +510,13 @@ def test_streaming_topk_within_worker_memory_limit(tmp_path):
         assert n * K * 4 > 3 * limit and K * K * 16 > 2 * limit
         pids = c.run(os.getpid)
         c.run(_rss_sampler)
-        st = dp.coactivation_stats(g, tmp_path / "st", tile=1024, client=c)
+        st = dp.coactivation_stats(g, tmp_path / "st", tile=1024, decomposition=decomposition, client=c)
         peaks = c.run(_rss_peak)
         assert c.run(os.getpid) == pids
         p = st._job.progress()
     assert max(peaks.values()) < limit, {a: q / 2**20 for a, q in peaks.items()}
     assert p["n_groups"] >= 4 and p["n_leaves_per_group"] == 1 and st.attrs["split_every"] >= 2
+    assert p["decomposition"] == decomposition
     idx, val = g.indices[:], g.values[:]
     keep = (idx >= 0) & (val > 0)
     A = sp.csr_array((val[keep].astype(np.float64), (np.nonzero(keep)[0], idx[keep])), shape=(n, K))
