@@ -63,6 +63,26 @@ def test_pipeline_with_progress_bars(addr, tmp_path, capsys):
     assert dp.open_stats(st)._job.progress()["units_computed"] == 0
 
 
+def test_atom_major_decomposition_from_the_command_line(addr, tmp_path, capsys):
+    """`--decomposition atoms`: one progress bar per phase (the copy, then the tiles), each ending
+    at every row, and the same bits as the row-major job that streams (split_every ≥ 6 chunks)."""
+    g = str(tmp_path / "g")
+    assert main(["synth", g, "--tokens", "3000", "--atoms", "96", "--topk", "8", "--seed", "4",
+                 "--row-chunk", "500", "--quiet", "--scheduler", addr]) == 0
+    for kind in ("rows", "atoms"):
+        assert main(["coactivation", g, "--out", str(tmp_path / kind), "--tile", "16", "--row-chunk", "500",
+                     "--split-every", "6", "--decomposition", kind, "--scheduler", addr]) == 0
+    err = capsys.readouterr().err
+    assert "coactivation (atom-major copy): 3,000/3,000 tok (100%)" in err
+    assert "coactivation (tiles): 3,000/3,000 tok (100%), tiles 21/21" in err
+    rows, atoms = dp.open_stats(str(tmp_path / "rows")), dp.open_stats(str(tmp_path / "atoms"))
+    assert atoms._job.progress()["decomposition"] == "atoms" and rows._job.progress()["decomposition"] == "rows"
+    for i, j in [(0, 0), (0, 5), (2, 4), (5, 5)]:
+        a, b = rows.tile(i, j), atoms.tile(i, j)
+        assert np.array_equal(a.pair_sum, b.pair_sum) and np.array_equal(a.pair_count, b.pair_count)
+    assert np.array_equal(rows.gate_sum, atoms.gate_sum)
+
+
 def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise():
     import io
 
