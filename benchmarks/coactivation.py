@@ -118,11 +118,11 @@ def warm_up(client, workdir):
         dp.coactivation_stats(dp.open_gates(path), os.path.join(workdir, "warmz"), overwrite=True, client=client)
 
 
-def run_distpen(client, gates_path, out):
+def run_distpen(client, gates_path, out, **kw):
     import distpen as dp
 
     client.run(_worker_rss_start)
-    t, st = timed(dp.coactivation_stats, dp.open_gates(gates_path), out, overwrite=True, client=client)
+    t, st = timed(dp.coactivation_stats, dp.open_gates(gates_path), out, overwrite=True, client=client, **kw)
     peaks = client.run(_worker_rss_stop)
     return t, st, max(peaks.values())
 
