@@ -72,11 +72,24 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
     The group's atoms lie in the span of blocks ``plan["span"]``; each row chunk is read once for
     that span, validated, and every tile of the group is accumulated with the route its measured
     density calls for (top-k gates always scatter). ``buffer`` (raw bytes for the partial) and
-    ``ws`` (a :class:`~distpen.coactivation._kernels.ScatterWorkspace`) let a caller reuse memory.
+    ``ws`` (a :class:`~distpen.coactivation._kernels.ScatterWorkspace`) let a caller reuse memory;
+    without ``ws`` the task borrows one of the worker's (:data:`_WORKSPACES`), so the leaves of a
+    tree-reduced job do not fault in fresh kernel buffers each.
     """
     cap = plan.get("scatter_pairs", ker.SCATTER_BUFFER_PAIRS)
+    if ws is not None:
+        return _leaf_into(plan, chunks, buffer, ws if ws.cap == cap else ker.ScatterWorkspace(cap))
+    ws = _WORKSPACES.pop() if _WORKSPACES else None
     if ws is None or ws.cap != cap:
-        ws = ker.ScatterWorkspace(cap)  # reused by every chunk of this task
+        ws = ker.ScatterWorkspace(cap)
+    try:
+        return _leaf_into(plan, chunks, buffer, ws)
+    finally:
+        _WORKSPACES.append(ws)
+
+
+def _leaf_into(plan: dict, chunks: list, buffer, ws) -> dict:
+    """:func:`_leaf` with its workspace."""
     from threadpoolctl import threadpool_limits
 
     T, K = plan["tile"], plan["k_atoms"]
