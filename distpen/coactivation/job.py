@@ -22,7 +22,7 @@ import uuid
 import numpy as np
 
 from .._validation import check_positive_int
-from ..errors import GateDataError, InvalidArgumentError
+from ..errors import GateDataError, InvalidArgumentError, StoreError
 from ..sources.gates import as_gates
 from ..store import RunStore, local_store_path
 from . import _kernels as ker
@@ -341,9 +341,11 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     ticker.start()
     try:
         if atoms:
-            copy_chunks = _copy_round(client, chunks, out, fp, {"tile": T, "k_atoms": K, "form": g.form,
-                                                                "threshold": threshold, "cache_key": None},
-                                      nb, state, lock, report)
+            cdt, vdt = ker.csr_dtypes(K, np.dtype(g.dtype))
+            entry_bytes = 4 + np.dtype(cdt).itemsize + np.dtype(vdt).itemsize  # row, atom, gate
+            copy_plan = {"tile": T, "k_atoms": K, "form": g.form, "threshold": threshold, "cache_key": None,
+                         "width": int(g.row_width()), "entry_bytes": entry_bytes}
+            copy_chunks = _copy_round(client, chunks, out, fp, copy_plan, nb, state, lock, report)
         while next_group < len(groups) and next_group < in_flight_max:
             submit(next_group)
             next_group += 1
@@ -424,6 +426,7 @@ def _copy_round(client, chunks, out, fp, plan, n_blocks, state, lock, report):
     os.makedirs(directory, exist_ok=True)
     copies = [(r0, r1, am.copy_path(directory, r0, r1), 0) for r0, r1, _, _ in chunks]
     todo = [(c, p) for c, p in zip(chunks, copies) if not os.path.exists(p[2])]
+    _check_copy_room(directory, todo, plan["width"], plan["entry_bytes"], n_blocks)
     with lock:
         state["copied"] = sum(p[1] - p[0] for c, p in zip(chunks, copies) if os.path.exists(p[2]))
     report(force=True)
@@ -462,6 +465,19 @@ def _copy_round(client, chunks, out, fp, plan, n_blocks, state, lock, report):
         del state["copied"]
         state["t0"] = time.time()  # the square tasks' rate is measured from here
     return copies
+
+
+def _check_copy_room(directory: str, todo, width: int, entry_bytes: int, n_blocks: int) -> None:
+    """Refuse, before any copy task runs, an atom-major copy the disk cannot hold: the chunks still
+    to copy take at most ``width`` entries a row of ``entry_bytes`` each."""
+    need = sum((c[1] - c[0]) * width * entry_bytes + 8 * (n_blocks + 1) + 512 for c, _ in todo)
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise StoreError(
+            f"decomposition='atoms' writes an atom-major copy of the gates into {directory}: it needs up to "
+            f"{need / 2**30:.2f} GiB ({len(todo)} row chunks of up to {width} entries a row, {entry_bytes} bytes "
+            f"each) and the disk has {free / 2**30:.2f} GiB free; free some space, put the store on a larger "
+            f"disk, or pass decomposition='rows'")
 
 
 def scratch_dir(out: str) -> str:

@@ -154,6 +154,30 @@ def test_a_bad_gate_fails_the_copy_and_leaves_no_partial_file(client, tmp_path):
     assert RunStore(tmp_path / "st").job("coactivation").status == "failed"
 
 
+def test_a_copy_the_disk_cannot_hold_is_refused_before_any_copy(client, tmp_path, monkeypatch):
+    """The copy's size (at most 4 + 4 + 4 bytes an entry for float32 top-k gates) is checked against
+    the free space before a copy task runs; once there is room, the same job runs to the end."""
+    import collections
+
+    from distpen.coactivation import job as jobmod
+    from distpen.errors import StoreError
+
+    G = topk_gates(n=400, K=20, k=4, seed=3).astype(np.float32)
+    idx, val = to_topk(G, 4)
+    gates = dp.TopKGates(idx, val.astype(np.float32), 20)
+    args = dict(row_chunk=100, tile=5, decomposition="atoms", _side=2)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(jobmod.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(StoreError, match=r"needs up to 0\.00 GiB \(4 row chunks of up to 4 entries a row, 12 bytes "
+                                         r"each\) and the disk has 0\.00 GiB free"):
+        dp.coactivation_stats(gates, tmp_path / "st", **args)
+    assert not glob.glob(os.path.join(scratch_dir(str(tmp_path / "st")), "atom-major-*", "rows-*"))
+    assert RunStore(tmp_path / "st").job("coactivation").status == "failed"
+    monkeypatch.undo()
+    st = dp.coactivation_stats(gates, tmp_path / "st", **args)
+    assert_stats(st, reference(G))
+
+
 def test_atoms_decomposition_refuses_bad_arguments(client, tmp_path):
     G = topk_gates(n=200, K=20, k=4)
     idx, val = to_topk(G, 4)
