@@ -218,7 +218,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     scattered = None
     if hasattr(g, "job_source") and groups:
         try:
-            g, scattered = _prepare_source(g, out, len(groups), rc, client)
+            # an atom-major job reads each chunk once (its copy), whatever the number of squares
+            g, scattered = _prepare_source(g, out, 1 if atoms else len(groups), rc, client)
         except BaseException as exc:
             job.fail(f"{type(exc).__name__}: {exc}")
             raise

@@ -174,6 +174,9 @@ def test_delphi_cache_equals_sparse_and_dense(client, tmp_path, cache_gates, arg
     assert_same_bits(st, dp.coactivation_stats(sp.csr_matrix(G), tmp_path / "s", **args))
     if args["split_every"] == 100:
         assert_same_bits(st, dp.coactivation_stats(G, tmp_path / "d", **args))
+        # the atom-major plan over the same cache: indexed once, copied once, the same bits
+        assert_same_bits(st, dp.coactivation_stats(d, tmp_path / "a", decomposition="atoms", _side=2, **args))
+        assert not os.path.exists(tmp_path / "a" / "_distpen" / "coactivation" / "scratch")
     assert not os.path.exists(tmp_path / "c" / "_distpen" / "coactivation" / "scratch")  # cleaned up
     # a delphi cache with a threshold
     thr = dp.coactivation_stats(d, tmp_path / "t", fire_threshold=dp.RelativeThreshold(0.4), **args)
@@ -245,6 +248,13 @@ def test_encoded_gates_equal_encode_gates_then_stats(client, tmp_path, activatio
     via_store = dp.coactivation_stats(str(tmp_path / "gates"), tmp_path / "via", **args)
     assert_same_bits(direct, via_store)
     assert_matches(direct, encode_as_workers(sae.encode, acts, 100).astype(np.float64))
+    # the atom-major plan encodes each chunk once too (in its copy task, nothing spilled) and
+    # gives the same bits
+    _reset_encodes(client)
+    atoms = dp.coactivation_stats(dp.EncodedGates(acts, sae), tmp_path / "atoms", decomposition="atoms", _side=2,
+                                  **args)
+    assert _encodes(client) == 7 and atoms._job.progress()["n_groups"] > 1
+    assert_same_bits(direct, atoms)
     # one pass (one group): encoded on the fly, once per chunk
     _reset_encodes(client)
     one = dp.coactivation_stats(dp.EncodedGates(acts, sae), tmp_path / "one", row_chunk=100, tile=48)
