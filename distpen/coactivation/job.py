@@ -405,6 +405,9 @@ def _choose_decomposition(decomposition, g, prm, mem, client) -> bool:
     if decomposition == "rows":
         return False
     if decomposition == "atoms":
+        if isinstance(g, WindowedGates):
+            raise InvalidArgumentError("decomposition='atoms' does not take window= (a window's rows are dense: "
+                                       "they are made from the tokens' rows inside each task); use 'rows'")
         if g.form not in ("topk", "sparse"):
             raise InvalidArgumentError(f"decomposition='atoms' needs top-k or CSR gates, got {g.form} gates")
         return True

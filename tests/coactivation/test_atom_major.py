@@ -186,6 +186,8 @@ def test_atoms_decomposition_refuses_bad_arguments(client, tmp_path):
         dp.coactivation_stats(gates, tmp_path / "a", decomposition="cols")
     with pytest.raises(InvalidArgumentError, match="needs top-k or CSR gates, got dense gates"):
         dp.coactivation_stats(dp.DenseGates(G), tmp_path / "b", decomposition="atoms")
+    with pytest.raises(InvalidArgumentError, match="decomposition='atoms' does not take window="):
+        dp.coactivation_stats(gates, tmp_path / "b", window=4, seq_len=20, decomposition="atoms")
     with pytest.raises(InvalidArgumentError, match=r"split_every must be at least the number of row chunks \(4\)"):
         dp.coactivation_stats(gates, tmp_path / "c", row_chunk=50, split_every=2, decomposition="atoms")
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
