@@ -184,8 +184,10 @@ def _stage_rows(summary: dict) -> list[tuple]:
     rows = []
     for name, s in summary.items():
         work = "-"
-        if s["rows_total"]:
+        if s["rows_total"]:  # a job of phases (an atom-major copy, then the tiles) names the current one
             work = f"{_fmt_count(s['rows_processed'])}/{_fmt_count(s['rows_total'])} rows"
+            if s.get("phase"):
+                work = f"{s['phase']}: {work}"
         elif s.get("phase"):
             work = f"{s['phase']}: {s.get('phase_done') or 0}/{s.get('phase_total') or 0} tasks"
         rate = f"{_fmt_count(s['rows_per_s'])} rows/s" if s["rows_per_s"] else (

@@ -112,6 +112,12 @@ def test_status_of_running_job_has_eta_and_flags_a_stale_one(tmp_path):
     later = now + dt.timedelta(seconds=status_mod.STALE_AFTER_S + 1)
     assert db.status_json(store, now=later)["summary"]["coactivation"]["stale"]
     assert "STALE?" in db.format_status(db.status_json(store, now=later))
+    # an atom-major job's copy phase: its rows, named, and the phase's ETA
+    job.update_progress(rows_processed=10_000, rows_total=20_000, throughput_rows_per_s=2_000.0,
+                        phase="atom-major copy", phase_done=10_000, phase_total=20_000)
+    s = db.status_json(store, now=now)["summary"]["coactivation"]
+    assert s["phase"] == "atom-major copy" and s["eta_s"] == pytest.approx(5.0)
+    assert "atom-major copy: 10" in db.format_status(db.status_json(store, now=now))
     job.fail("RuntimeError: boom")
     text = db.format_status(store)
     assert "failed" in text and "coactivation: failure at" in text and "RuntimeError: boom" in text
