@@ -91,7 +91,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         group; the sums are bit-identical to a streaming ``"rows"`` job's (it streams: one task
         reads every row chunk, so ``split_every`` below the number of row chunks is refused).
         Default: ``"atoms"`` when the forecast (:func:`~distpen.coactivation.forecast.plan_atom_major`,
-        default rates) says it is more than twice as fast, else ``"rows"``. Not part of the job's
+        default rates) says it is more than twice as fast and the disk under ``out`` can hold the
+        copy (12 bytes an entry for float32 gates), else ``"rows"``. Not part of the job's
         identity: a job interrupted under one resumes under the other.
     overwrite : bool
         Replace whatever ``out`` holds. Without it, a store holding the same job is resumed (only
@@ -174,7 +175,7 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
         rc0 = min(row_chunk, N) if row_chunk is not None else default_row_chunk(mem, g, se)
         sparse = g.form != "dense" or _sample_density(g, rc0) <= _SPARSE_DENSITY
     prm = choose_parameters(mem, g, row_chunk, tile, se if se_given else None, sparse)
-    atoms = _choose_decomposition(decomposition, g, prm, mem, client)
+    atoms = _choose_decomposition(decomposition, g, prm, mem, client, out)
     if atoms and not prm["streaming"]:
         if se_given:
             raise InvalidArgumentError(
@@ -342,10 +343,8 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     ticker.start()
     try:
         if atoms:
-            cdt, vdt = ker.csr_dtypes(K, np.dtype(g.dtype))
-            entry_bytes = 4 + np.dtype(cdt).itemsize + np.dtype(vdt).itemsize  # row, atom, gate
             copy_plan = {"tile": T, "k_atoms": K, "form": g.form, "threshold": threshold, "cache_key": None,
-                         "width": int(g.row_width()), "entry_bytes": entry_bytes}
+                         "width": int(g.row_width()), "entry_bytes": _copy_entry_bytes(g)}
             copy_chunks = _copy_round(client, chunks, out, fp, copy_plan, nb, state, lock, report)
         while next_group < len(groups) and next_group < in_flight_max:
             submit(next_group)
@@ -400,8 +399,10 @@ def coactivation_stats(gates, out, *, row_chunk=None, tile=None, split_every=Non
     return CoactivationStats(out, allow_incomplete=_units is not None)
 
 
-def _choose_decomposition(decomposition, g, prm, mem, client) -> bool:
-    """Whether the job runs the atom-major decomposition (see ``coactivation_stats``)."""
+def _choose_decomposition(decomposition, g, prm, mem, client, out) -> bool:
+    """Whether the job runs the atom-major decomposition (see ``coactivation_stats``). The default
+    takes it only when the forecast says it is over twice as fast and the disk under ``out`` can
+    hold the copy."""
     if decomposition == "rows":
         return False
     if decomposition == "atoms":
@@ -418,7 +419,19 @@ def _choose_decomposition(decomposition, g, prm, mem, client) -> bool:
 
     fc = plan_atom_major(g.n_tokens, g.k_atoms, topk=int(g.row_width()), n_workers=max(1, n_workers(client)),
                          memory_limit=int(mem), tile=prm["tile"], row_chunk=prm["row_chunk"])
-    return fc["speedup"] > 2.0
+    if fc["speedup"] <= 2.0:
+        return False
+    where = os.path.abspath(out)
+    while not os.path.exists(where):  # the store may not exist yet: the disk it will be on
+        where = os.path.dirname(where)
+    need = g.n_tokens * int(g.row_width()) * _copy_entry_bytes(g)
+    return need <= shutil.disk_usage(where).free
+
+
+def _copy_entry_bytes(g) -> int:
+    """Bytes an entry of the atom-major copy takes: its row (int32), atom and gate."""
+    cdt, vdt = ker.csr_dtypes(g.k_atoms, np.dtype(g.dtype))
+    return 4 + np.dtype(cdt).itemsize + np.dtype(vdt).itemsize
 
 
 def _copy_round(client, chunks, out, fp, plan, n_blocks, state, lock, report):

@@ -178,6 +178,32 @@ def test_a_copy_the_disk_cannot_hold_is_refused_before_any_copy(client, tmp_path
     assert_stats(st, reference(G))
 
 
+def test_the_default_takes_atoms_when_the_forecast_and_the_disk_allow(client, tmp_path, monkeypatch):
+    """decomposition=None: atom-major when the forecast says over 2x and the disk holds the copy,
+    else row-major (never an error for want of disk); either way the same bits."""
+    import collections
+
+    from distpen.coactivation import forecast
+    from distpen.coactivation import job as jobmod
+
+    G = topk_gates(n=600, K=30, k=4, seed=7).astype(np.float32)
+    idx, val = to_topk(G, 4)
+    gates = dp.TopKGates(idx, val.astype(np.float32), 30)
+    args = dict(row_chunk=100, tile=6, split_every=6)
+    rows = dp.coactivation_stats(gates, tmp_path / "rows", **args)
+    assert rows._job.progress()["decomposition"] == "rows"        # the real forecast: no gain here
+    real = forecast.plan_atom_major
+    monkeypatch.setattr(forecast, "plan_atom_major", lambda *a, **k: {**real(*a, **k), "speedup": 3.0})
+    auto = dp.coactivation_stats(gates, tmp_path / "auto", **args)
+    assert auto._job.progress()["decomposition"] == "atoms"
+    _assert_same_bits(rows, auto)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(jobmod.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    short = dp.coactivation_stats(gates, tmp_path / "short", **args)   # 600 x 4 entries of 12 bytes > 1000
+    assert short._job.progress()["decomposition"] == "rows"
+    _assert_same_bits(rows, short)
+
+
 def test_atoms_decomposition_refuses_bad_arguments(client, tmp_path):
     G = topk_gates(n=200, K=20, k=4)
     idx, val = to_topk(G, 4)
