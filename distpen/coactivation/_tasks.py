@@ -16,6 +16,7 @@ event (:class:`_RowReporter`), so the client's progress moves while one long str
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -79,13 +80,8 @@ def _leaf(plan: dict, chunks: list, buffer=None, ws=None) -> dict:
     cap = plan.get("scatter_pairs", ker.SCATTER_BUFFER_PAIRS)
     if ws is not None:
         return _leaf_into(plan, chunks, buffer, ws if ws.cap == cap else ker.ScatterWorkspace(cap))
-    ws = _WORKSPACES.pop() if _WORKSPACES else None
-    if ws is None or ws.cap != cap:
-        ws = ker.ScatterWorkspace(cap)
-    try:
+    with _borrowed_workspace(cap) as ws:
         return _leaf_into(plan, chunks, buffer, ws)
-    finally:
-        _WORKSPACES.append(ws)
 
 
 def _leaf_into(plan: dict, chunks: list, buffer, ws) -> dict:
@@ -340,16 +336,11 @@ def _leaf_and_finalize(plan: dict, chunks: list, out: str, job, fail_units=()) -
     T = plan["tile"]
     need = ker.partial_nbytes(len(plan["tiles"]), T, len(plan["diag_blocks"]), plan.get("cnt_dtype", "int64"))
     buf = POOL.take(need)
-    cap = plan.get("scatter_pairs", ker.SCATTER_BUFFER_PAIRS)
-    ws = _WORKSPACES.pop() if _WORKSPACES else None
-    if ws is None or ws.cap != cap:
-        ws = ker.ScatterWorkspace(cap)
     try:
-        part = _leaf(plan, chunks, buf, ws)
+        part = _leaf(plan, chunks, buf)  # with one of the worker's pooled workspaces
         return _finalize(part, plan, out, job, fail_units)
     finally:
         POOL.give(buf)
-        _WORKSPACES.append(ws)
 
 
 def _copy_chunk(plan: dict, n_blocks: int, chunk: tuple, path: str) -> dict:
@@ -364,16 +355,12 @@ def _copy_chunk(plan: dict, n_blocks: int, chunk: tuple, path: str) -> dict:
     if os.path.exists(path):  # an earlier run (or a retried task) wrote it
         return {"rows": r1 - r0, "entries": None}
     K = plan["k_atoms"]
-    ws = _WORKSPACES.pop() if _WORKSPACES else ker.ScatterWorkspace()
-    try:
-        with threadpool_limits(limits=1):
-            if plan["form"] == "topk":
-                csr = _topk_chunk(plan, data, base, r0, r1, 0, K, ws)
-            else:
-                csr = _sparse_chunk(plan, data, r0, r1, 0, K, ws)
-            n = am.write_copy(path, csr, plan["tile"], n_blocks, ws)
-    finally:
-        _WORKSPACES.append(ws)
+    with _borrowed_workspace() as ws, threadpool_limits(limits=1):
+        if plan["form"] == "topk":
+            csr = _topk_chunk(plan, data, base, r0, r1, 0, K, ws)
+        else:
+            csr = _sparse_chunk(plan, data, r0, r1, 0, K, ws)
+        n = am.write_copy(path, csr, plan["tile"], n_blocks, ws)
     return {"rows": r1 - r0, "entries": n}
 
 
@@ -385,8 +372,22 @@ def _release_worker_buffers(client) -> None:
         pass
 
 
-#: kernel workspaces kept by a worker process between streaming tasks (list ops are atomic)
+#: kernel workspaces kept by a worker process between its tasks (list ops are atomic)
 _WORKSPACES: list = []
+
+
+@contextlib.contextmanager
+def _borrowed_workspace(cap: int | None = None):
+    """One of this worker's pooled kernel workspaces, given back when the block ends: the next task
+    reuses pages already faulted in. A fresh one when none is free or the pooled one's scatter
+    capacity is not ``cap`` (any capacity when ``cap`` is None)."""
+    ws = _WORKSPACES.pop() if _WORKSPACES else None
+    if ws is None or (cap is not None and ws.cap != cap):
+        ws = ker.ScatterWorkspace() if cap is None else ker.ScatterWorkspace(cap)
+    try:
+        yield ws
+    finally:
+        _WORKSPACES.append(ws)
 
 
 def _release_buffers() -> int:

@@ -313,8 +313,8 @@ def _copy_rates(csr, tile: int, n_blocks: int, ws) -> dict:
 
     root = tempfile.mkdtemp(prefix="distpen-calibrate-")
     try:
-        path = am.copy_path(root, 0, len(csr[0]) - 1)
         n_rows = len(csr[0]) - 1
+        path = am.copy_path(root, 0, n_rows)
         ranges = [(0, n_blocks // 8), (n_blocks // 2, n_blocks // 2 + n_blocks // 8)]
         am.write_copy(path, csr, tile, n_blocks, ws)  # untimed: compiles where numba's cache is empty
         am.read_chunk(path, n_rows, ranges, ws)

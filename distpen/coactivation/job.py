@@ -424,7 +424,7 @@ def _choose_decomposition(decomposition, g, prm, mem, client, out) -> bool:
     where = os.path.abspath(out)
     while not os.path.exists(where):  # the store may not exist yet: the disk it will be on
         where = os.path.dirname(where)
-    need = g.n_tokens * int(g.row_width()) * _copy_entry_bytes(g)
+    need = _copy_bytes(g.n_tokens, 1, int(g.row_width()), _copy_entry_bytes(g), prm["n_blocks"])
     return need <= shutil.disk_usage(where).free
 
 
@@ -432,6 +432,12 @@ def _copy_entry_bytes(g) -> int:
     """Bytes an entry of the atom-major copy takes: its row (int32), atom and gate."""
     cdt, vdt = ker.csr_dtypes(g.k_atoms, np.dtype(g.dtype))
     return 4 + np.dtype(cdt).itemsize + np.dtype(vdt).itemsize
+
+
+def _copy_bytes(n_rows: int, n_files: int, width: int, entry_bytes: int, n_blocks: int) -> int:
+    """At most the bytes of the copy files of ``n_rows`` rows in ``n_files`` files: ``width``
+    entries a row, plus each file's block offsets and ``.npy`` headers."""
+    return n_rows * width * entry_bytes + n_files * (8 * (n_blocks + 1) + 512)
 
 
 def _copy_round(client, chunks, out, fp, plan, n_blocks, state, lock, report):
@@ -443,9 +449,10 @@ def _copy_round(client, chunks, out, fp, plan, n_blocks, state, lock, report):
     os.makedirs(directory, exist_ok=True)
     copies = [(r0, r1, am.copy_path(directory, r0, r1), 0) for r0, r1, _, _ in chunks]
     todo = [(c, p) for c, p in zip(chunks, copies) if not os.path.exists(p[2])]
-    _check_copy_room(directory, todo, plan["width"], plan["entry_bytes"], n_blocks)
+    rows_todo = sum(c[1] - c[0] for c, _ in todo)
+    _check_copy_room(directory, rows_todo, len(todo), plan["width"], plan["entry_bytes"], n_blocks)
     with lock:
-        state["copied"] = sum(p[1] - p[0] for c, p in zip(chunks, copies) if os.path.exists(p[2]))
+        state["copied"] = sum(r1 - r0 for r0, r1, _, _ in chunks) - rows_todo
     report(force=True)
     import dask
 
@@ -484,15 +491,16 @@ def _copy_round(client, chunks, out, fp, plan, n_blocks, state, lock, report):
     return copies
 
 
-def _check_copy_room(directory: str, todo, width: int, entry_bytes: int, n_blocks: int) -> None:
-    """Refuse, before any copy task runs, an atom-major copy the disk cannot hold: the chunks still
-    to copy take at most ``width`` entries a row of ``entry_bytes`` each."""
-    need = sum((c[1] - c[0]) * width * entry_bytes + 8 * (n_blocks + 1) + 512 for c, _ in todo)
+def _check_copy_room(directory: str, n_rows: int, n_files: int, width: int, entry_bytes: int,
+                     n_blocks: int) -> None:
+    """Refuse, before any copy task runs, an atom-major copy the disk cannot hold: the ``n_rows``
+    rows of the ``n_files`` chunks still to copy (see :func:`_copy_bytes`)."""
+    need = _copy_bytes(n_rows, n_files, width, entry_bytes, n_blocks)
     free = shutil.disk_usage(directory).free
     if need > free:
         raise StoreError(
             f"decomposition='atoms' writes an atom-major copy of the gates into {directory}: it needs up to "
-            f"{need / 2**30:.2f} GiB ({len(todo)} row chunks of up to {width} entries a row, {entry_bytes} bytes "
+            f"{need / 2**30:.2f} GiB ({n_files} row chunks of up to {width} entries a row, {entry_bytes} bytes "
             f"each) and the disk has {free / 2**30:.2f} GiB free; free some space, put the store on a larger "
             f"disk, or pass decomposition='rows'")
 
